@@ -1,0 +1,147 @@
+"""The ``taskpgm`` command: a flat map of command names to typed functions (CONTRACT.md).
+
+Every error reaches the user as one line and a non-zero exit; ``--debug`` shows the traceback.
+Heavy imports (torch, Ray, DeepSpeed) happen inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from taskpgm_ray.config import Config, ConfigError, load_config
+
+EXIT_BAD_INPUT = 2
+
+
+def _config(config: str | None, test_mode: bool, output_dir: str | None) -> Config:
+    """Load CONFIG (or the shipped test config) and apply ``--output-dir``."""
+    if config is not None and test_mode:
+        raise click.UsageError("give CONFIG or --test-mode, not both")
+    cfg = load_config(config, test_mode=test_mode)
+    if output_dir:
+        cfg.output_dir = output_dir
+    return cfg
+
+
+def stage_options(f):
+    """The options every stage command takes: CONFIG, --test-mode, --output-dir."""
+    f = click.option("--output-dir", type=click.Path(file_okay=False), default=None,
+                     help="Run directory (overrides the config's output_dir).")(f)
+    f = click.option("--test-mode", is_flag=True,
+                     help="Use the shipped single-node config configs/test.yaml.")(f)
+    f = click.argument("config", required=False, type=click.Path(dir_okay=False))(f)
+    return f
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
+@click.version_option(package_name="taskpgm_ray")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """TaskPGM on Ray: learn how much of each task to fine-tune on, then run the fine-tune."""
+    ctx.obj = {"debug": debug}
+
+
+# --------------------------------------------------------------------------------------------------
+# stage 1: tasks
+
+
+@cli.group()
+def tasks() -> None:
+    """Show the tasks a config resolves to, or write the synthetic benchmark suite."""
+
+
+@tasks.command("list")
+@stage_options
+def tasks_list(config: str | None, test_mode: bool, output_dir: str | None) -> None:
+    """Load every task, print source, sizes and content hash, and write tasks.json."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from taskpgm_ray.tasks import load_tasks, write_manifest
+
+    cfg = _config(config, test_mode, output_dir)
+    loaded = load_tasks(cfg)
+    path = write_manifest(loaded, cfg.output_dir)
+    table = Table(title=f"{len(loaded)} tasks")
+    for col in ("task", "source", "train", "probe", "eval", "hash"):
+        table.add_column(col, justify="right" if col in ("train", "probe", "eval") else "left")
+    for t in loaded:
+        s = t.sizes
+        table.add_row(t.name, t.source, str(s["train"]), str(s["probe"]), str(s["eval"]), t.hash)
+    Console().print(table)
+    click.echo(f"wrote {path}")
+
+
+@tasks.command("synth")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Directory to write.")
+@click.option("--seed", default=7, show_default=True, type=int, help="Suite seed.")
+@click.option("--scale", default=1.0, show_default=True, type=float, help="Multiply every task size.")
+def tasks_synth(out: str, seed: int, scale: float) -> None:
+    """Write the synthetic benchmark suite as HF DatasetDicts (train / validation / test)."""
+    from taskpgm_ray.tasks.synthetic import write_suite
+
+    if scale <= 0:
+        raise click.BadParameter(f"must be > 0, got {scale}", param_hint="--scale")
+    manifest = write_suite(out, seed, scale=scale)
+    for t in manifest["tasks"]:
+        click.echo(f"{t['name']:<10} {t['role']:<15} train={t['sizes']['train']:<5} "
+                   f"validation={t['sizes']['validation']} test={t['sizes']['test']}")
+    click.echo(f"wrote {len(manifest['tasks'])} tasks to {out} (manifest: {Path(out) / 'suite.json'})")
+
+
+@cli.command("config-doc")
+def config_doc() -> None:
+    """Print the configuration reference (markdown)."""
+    from taskpgm_ray.config import reference_markdown
+
+    click.echo(reference_markdown())
+
+
+# --------------------------------------------------------------------------------------------------
+# entry point
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; bad input is one line on stderr and exit code 2, never a traceback (unless --debug)."""
+    from taskpgm_ray.tasks import TaskError
+
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args or os.environ.get("TASKPGM_DEBUG") == "1"
+    try:
+        cli.main(args=args, prog_name="taskpgm", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("taskpgm: aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        if debug:
+            raise
+        exc.show()
+        return exc.exit_code
+    except (ConfigError, TaskError, ValueError, FileNotFoundError, KeyError) as exc:
+        if debug:
+            raise
+        click.echo(f"taskpgm: error: {_one_line(exc)}", err=True)
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # anything else is our bug or the environment's: still one line
+        if debug:
+            raise
+        click.echo(f"taskpgm: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)",
+                   err=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

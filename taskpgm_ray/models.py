@@ -1,0 +1,149 @@
+"""Model and tokenizer factory, and the one place where (prompt, response) becomes token ids.
+
+Production configs name a hub id or local path; test mode builds a tiny Llama-style model from a config
+and a byte-level tokenizer, both without any download. Every stage uses the tokenizer saved in the run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from taskpgm_ray.config import ModelConfig
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100  # label for prompt and padding tokens: no loss, no log-likelihood
+
+
+def build_byte_tokenizer() -> PreTrainedTokenizerBase:
+    """A byte-level tokenizer (256 byte symbols + <pad>, <bos>, <eos>) that needs no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    # use_regex=False: every byte is its own token, so no merges and no word splitting surprises.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+
+
+def build_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The configured tokenizer: ``byte`` (offline) or ``AutoTokenizer.from_pretrained(name)``."""
+    if cfg.tokenizer == "byte":
+        return build_byte_tokenizer()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """The tokenizer saved with a run (``<output_dir>/tokenizer``)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def ensure_run_tokenizer(cfg: ModelConfig, output_dir: str | os.PathLike) -> Path:
+    """Save the configured tokenizer under ``output_dir/tokenizer`` once, so every stage shares it."""
+    path = Path(output_dir) / "tokenizer"
+    if not (path / "tokenizer_config.json").exists():
+        tmp = path.with_name(f"tokenizer.tmp{os.getpid()}")
+        build_tokenizer(cfg).save_pretrained(str(tmp))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another process won the race; theirs is identical
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _dtype(cfg: ModelConfig, on_gpu: bool) -> torch.dtype:
+    import torch
+
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if on_gpu else torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, on_gpu: bool = False) -> PreTrainedModel:
+    """The base causal LM: a tiny Llama built from ``cfg.tiny`` (seeded, offline) or ``from_pretrained``."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    dtype = _dtype(cfg, on_gpu)
+    if cfg.name != "tiny":
+        return AutoModelForCausalLM.from_pretrained(cfg.name, dtype=dtype)
+    t = cfg.tiny
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads,
+        num_key_value_heads=t.num_heads,
+        max_position_embeddings=max(cfg.max_length, 64),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    # Seed a private generator so building the model never disturbs the caller's RNG stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(t.seed)
+        model = LlamaForCausalLM(config)
+    return model.to(dtype)
+
+
+def encode_example(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str,
+                   max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids of ``<bos> prompt response <eos>`` and labels that score the response tokens only.
+
+    Truncation keeps the response: the prompt is cut from the left when the pair is too long.
+    """
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    r = r[: max_length - len(bos) - 1]
+    p = p[max(0, len(p) - (max_length - len(bos) - len(r))):]
+    ids = bos + p + r
+    labels = [IGNORE_INDEX] * (len(bos) + len(p)) + r
+    return ids, labels
+
+
+def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of (ids, labels) into ``input_ids``, ``attention_mask``, ``labels`` tensors (B, T)."""
+    import torch
+
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(batch):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def response_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-example sum of log p(y_t | x, y_<t) over response tokens; logits (B, T, V), labels (B, T) -> (B,)."""
+    import torch
+
+    shift_logits = logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != IGNORE_INDEX
+    logp = torch.log_softmax(shift_logits, dim=-1)
+    tok = logp.gather(-1, shift_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    return (tok * mask).sum(dim=1)

@@ -1,0 +1,13 @@
+"""Stage 1: task loading, templates, splits and the synthetic benchmark suite."""
+
+from taskpgm_ray.tasks.loading import (
+    Example,
+    TaskData,
+    TaskError,
+    load_task,
+    load_tasks,
+    task_configs,
+    write_manifest,
+)
+
+__all__ = ["Example", "TaskData", "TaskError", "load_task", "load_tasks", "task_configs", "write_manifest"]

@@ -1,0 +1,40 @@
+"""Shared fixtures. Tests are offline: nothing is downloaded; W&B runs offline."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from taskpgm_ray.config import TEST_CONFIG  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def suite_dir(tmp_path_factory) -> Path:
+    """The full synthetic suite (seed 7), written once per session."""
+    from taskpgm_ray.tasks.synthetic import write_suite
+
+    out = tmp_path_factory.mktemp("suite") / "suite"
+    write_suite(out, 7)
+    return out
+
+
+@pytest.fixture
+def test_config_dict() -> dict:
+    """The shipped test-mode config as a dict, for tests to modify."""
+    return yaml.safe_load(TEST_CONFIG.read_text())
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
