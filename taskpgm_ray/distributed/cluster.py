@@ -1,0 +1,54 @@
+"""Connecting to Ray: one code path for a local single-node cluster (tests, test mode) and a real cluster."""
+
+from __future__ import annotations
+
+import os
+
+# Environment that must reach every worker (RAY_NOTES: WANDB_MODE must be set on the workers too).
+PROPAGATED_ENV = (
+    "WANDB_MODE", "WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_DIR",
+    "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "TOKENIZERS_PARALLELISM",
+)
+
+
+def worker_env() -> dict[str, str]:
+    """The subset of this process's environment that Ray workers inherit through the runtime env."""
+    env = {k: os.environ[k] for k in PROPAGATED_ENV if k in os.environ}
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def init_ray(*, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+    """Join the cluster named by ``RAY_ADDRESS`` (a submitted job), or start a local one.
+
+    A local cluster binds its dashboard to 127.0.0.1 and keeps Ray's default token authentication.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    kwargs: dict = {"runtime_env": {"env_vars": worker_env()}, "log_to_driver": True}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, dashboard_host="127.0.0.1", **kwargs)
+
+
+def cluster_resources() -> dict[str, float]:
+    """Total CPUs and GPUs of the cluster (``ray.cluster_resources`` with defaults)."""
+    import ray
+
+    res = ray.cluster_resources()
+    return {"CPU": float(res.get("CPU", 0.0)), "GPU": float(res.get("GPU", 0.0))}
+
+
+def require_resources(what: str, *, cpus: float, gpus: float) -> None:
+    """Raise a clear ``ValueError`` when ``what`` asks for more than the whole cluster has (Ray would hang)."""
+    have = cluster_resources()
+    if gpus > have["GPU"] + 1e-9:
+        raise ValueError(f"{what} needs {gpus:g} GPU(s) but the Ray cluster has {have['GPU']:g}; "
+                         f"lower the GPU settings or add GPU nodes")
+    if cpus > have["CPU"] + 1e-9:
+        raise ValueError(f"{what} needs {cpus:g} CPU(s) but the Ray cluster has {have['CPU']:g}; "
+                         f"lower the worker/actor counts or add nodes")
