@@ -18,10 +18,18 @@ EXIT_BAD_INPUT = 2
 
 
 def _config(config: str | None, test_mode: bool, output_dir: str | None) -> Config:
-    """Load CONFIG (or the shipped test config) and apply ``--output-dir``."""
+    """Load CONFIG (or the shipped test config) with the ``--set`` overrides and ``--output-dir``."""
+    import yaml
+
     if config is not None and test_mode:
         raise click.UsageError("give CONFIG or --test-mode, not both")
-    cfg = load_config(config, test_mode=test_mode)
+    overrides = {}
+    for item in click.get_current_context().find_root().params.get("set_") or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
+        overrides[key.strip()] = yaml.safe_load(value)
+    cfg = load_config(config, test_mode=test_mode, overrides=overrides)
     if output_dir:
         cfg.output_dir = output_dir
     return cfg
@@ -39,9 +47,11 @@ def stage_options(f):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
+@click.option("--set", "set_", multiple=True, metavar="KEY=VALUE",
+              help="Override a config field, e.g. --set train.steps=50 (repeatable; VALUE is YAML).")
 @click.version_option(package_name="taskpgm_ray")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+def cli(ctx: click.Context, debug: bool, set_: tuple[str, ...]) -> None:
     """TaskPGM on Ray: learn how much of each task to fine-tune on, then run the fine-tune."""
     ctx.obj = {"debug": debug}
 
@@ -92,6 +102,82 @@ def tasks_synth(out: str, seed: int, scale: float) -> None:
         click.echo(f"{t['name']:<10} {t['role']:<15} train={t['sizes']['train']:<5} "
                    f"validation={t['sizes']['validation']} test={t['sizes']['test']}")
     click.echo(f"wrote {len(manifest['tasks'])} tasks to {out} (manifest: {Path(out) / 'suite.json'})")
+
+
+# --------------------------------------------------------------------------------------------------
+# stages 2-8
+
+
+@cli.command()
+@stage_options
+@click.option("--resume", is_flag=True, help="Continue an interrupted run where it stopped.")
+def run(config: str | None, test_mode: bool, output_dir: str | None, resume: bool) -> None:
+    """The whole pipeline: tasks, probes, estimate, tune, train, report."""
+    from taskpgm_ray.pipeline import run_pipeline
+
+    cfg = _config(config, test_mode, output_dir)
+    run_pipeline(cfg, resume=resume)
+    out = Path(cfg.output_dir)
+    click.echo(f"mixture: {out / 'mixture.json'}  report: {out / 'report' / 'summary.md'}")
+
+
+@cli.command()
+@stage_options
+def probe(config: str | None, test_mode: bool, output_dir: str | None) -> None:
+    """Stage 2: one LoRA proxy fine-tune per task (cached per task)."""
+    from taskpgm_ray.distributed.probes import probe_command
+
+    probe_command(_config(config, test_mode, output_dir))
+
+
+@cli.command()
+@stage_options
+def estimate(config: str | None, test_mode: bool, output_dir: str | None) -> None:
+    """Stages 3-4: every proxy scores every probe set; writes likelihoods.npz and the default mixture."""
+    from taskpgm_ray.distributed.estimation import estimate_command
+
+    estimate_command(_config(config, test_mode, output_dir))
+
+
+@cli.command()
+@stage_options
+@click.option("--mixture", "mixture_path", required=True, type=click.Path(dir_okay=False),
+              help="mixture.json to train on.")
+def train(config: str | None, test_mode: bool, output_dir: str | None, mixture_path: str) -> None:
+    """Stage 6: fine-tune the target model on a mixture (Ray Train + DeepSpeed)."""
+    from taskpgm_ray.train import train_command
+
+    summary = train_command(_config(config, test_mode, output_dir), mixture_path)
+    click.echo(f"mean eval loss {summary['eval_loss_mean']:.4f}")
+
+
+@cli.command("tune")
+@stage_options
+def tune_cmd(config: str | None, test_mode: bool, output_dir: str | None) -> None:
+    """Stage 7: Ray Tune over the energy hyperparameters (needs a finished estimate)."""
+    from taskpgm_ray.pipeline import Pipeline, load_sums
+    from taskpgm_ray.tune import run_tune, write_best_mixture
+
+    cfg = _config(config, test_mode, output_dir)
+    pipe = Pipeline(cfg)
+    out = Path(cfg.output_dir)
+    if not (out / "likelihoods.npz").exists():
+        raise click.UsageError(f"{out / 'likelihoods.npz'} not found: run `taskpgm estimate` first")
+    result = run_tune(cfg, pipe.tasks, load_sums(out))
+    write_best_mixture(result["best"], pipe.tasks, out / "mixture.json", inputs_hash=pipe.tune_key())
+    best = result["best"]
+    click.echo(f"best: {best['method']} {best['hyperparameters']} validation loss {best['validation_loss']:.4f}; "
+               f"{len(result['trials'])} trials in {out / 'tune' / 'results.json'}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+def report(run_dir: str) -> None:
+    """Plots and tables of a finished run (RUN_DIR/report)."""
+    from taskpgm_ray.report import make_report, run_tracking
+
+    make_report(run_dir, tracking=run_tracking(run_dir))
+    click.echo(f"wrote {Path(run_dir) / 'report'}")
 
 
 @cli.command("config-doc")

@@ -207,6 +207,7 @@ class TrainConfig:
 class TuneConfig:
     """Stage 7: Ray Tune over the energy hyperparameters."""
 
+    enabled: bool = doc("run the search in `taskpgm run` (off: the config's energy settings are used)", True)
     num_samples: int = doc("TaskPGM trials", 6)
     search: Literal["random", "grid", "optuna"] = doc("search algorithm", "random")
     ratio_range: list[float] = doc("beta/lam range searched on a log scale", factory=lambda: [0.01, 100.0])

@@ -1,0 +1,223 @@
+"""``taskpgm run``: every stage in order, each keyed by a content hash of its inputs and settings.
+
+``<output_dir>/stages.json`` records, per stage, the key it last completed with. A re-run skips stages
+whose key is unchanged and whose artefacts exist, so changing a training setting re-runs training and the
+report only. Stages cache inside too (adapters per task, scores per shard, Ray Train checkpoints), so
+``--resume`` continues an interrupted stage where it stopped; without it an interrupted training stage
+starts afresh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from taskpgm_ray.config import Config
+from taskpgm_ray.io import atomic_write_json
+
+# Settings that change where or how fast a stage runs, never its result: left out of the stage keys.
+RESOURCE_FIELDS = {
+    "probes": {"num_gpus", "num_cpus", "max_retries"},
+    "estimation": {"num_actors", "num_gpus_per_actor", "num_cpus_per_actor", "max_actor_restarts"},
+    "train": {"use_gpu", "cpus_per_worker", "max_failures", "audit_samples"},
+    "tune": {"max_concurrent", "enabled"},
+}
+# Settings of the final fine-tune that Tune's short trials do not use.
+FINAL_TRAIN_ONLY = {"steps", "eval_every", "checkpoint_every"}
+
+
+def digest(*parts: Any) -> str:
+    """A short, stable hash of JSON-able parts."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def settings(cfg: Config, section: str, drop: set[str] = frozenset()) -> dict[str, Any]:
+    """A config section as a dict, without its resource fields (and ``drop``)."""
+    d = dataclasses.asdict(getattr(cfg, section))
+    return {k: v for k, v in d.items() if k not in RESOURCE_FIELDS.get(section, set()) | set(drop)}
+
+
+@dataclass
+class Stage:
+    """One pipeline stage: a key, the artefacts that prove it done, and the function that makes them."""
+
+    name: str
+    key: Callable[[], str]  # computed lazily: a key may depend on the previous stage's artefacts
+    outputs: list[str]  # relative to the run directory
+    run: Callable[[], Any]
+
+
+class Pipeline:
+    """The stages of one run directory and their bookkeeping in ``stages.json``."""
+
+    def __init__(self, cfg: Config, *, resume: bool = False, console: Any = None):
+        from rich.console import Console
+
+        self.cfg = cfg
+        self.resume = resume
+        self.out = Path(cfg.output_dir).resolve()
+        self.console = console or Console()
+        self._state_path = self.out / "stages.json"  # {stage: {"key", "status", "seconds"}}
+        self._state: dict[str, dict] = json.loads(self._state_path.read_text()) if self._state_path.exists() else {}
+        self._tasks = None  # loaded once, shared by every stage
+        self.timings: list[tuple[str, str, float]] = []  # (stage, status, seconds) for the summary table
+
+    # -- shared inputs -------------------------------------------------------------------------------
+    @property
+    def tasks(self):
+        if self._tasks is None:
+            from taskpgm_ray.tasks import load_tasks
+
+            self._tasks = load_tasks(self.cfg)
+        return self._tasks
+
+    def tasks_key(self) -> str:
+        return digest([(t.name, t.hash) for t in self.tasks], dataclasses.asdict(self.cfg.splits))
+
+    def probes_key(self) -> str:
+        return digest(self.tasks_key(), dataclasses.asdict(self.cfg.model), settings(self.cfg, "probes"))
+
+    def estimate_key(self) -> str:
+        return digest(self.probes_key(), settings(self.cfg, "estimation"), dataclasses.asdict(self.cfg.energy))
+
+    def tune_key(self) -> str:
+        return digest(self.estimate_key(), settings(self.cfg, "tune"), settings(self.cfg, "train", FINAL_TRAIN_ONLY))
+
+    def train_key(self) -> str:
+        mixture = json.loads((self.out / "mixture.json").read_text())
+        return digest(self.tasks_key(), mixture["weights"], dataclasses.asdict(self.cfg.model),
+                      settings(self.cfg, "train"))
+
+    def report_key(self) -> str:
+        return digest({name: rec["key"] for name, rec in self._state.items() if name != "report"})
+
+    # -- the stages ----------------------------------------------------------------------------------
+    def stages(self) -> list[Stage]:
+        cfg = self.cfg
+        stages = [
+            Stage("tasks", self.tasks_key, ["tasks.json"], self._run_tasks),
+            Stage("probes", self.probes_key, ["probes"], self._run_probes),
+            Stage("estimate", self.estimate_key, ["likelihoods.npz", "mixture.json"], self._run_estimate),
+        ]
+        if cfg.tune.enabled:
+            stages.append(Stage("tune", self.tune_key, ["tune/results.json", "mixture.json"], self._run_tune))
+        stages += [
+            Stage("train", self.train_key, ["train/summary.json", "train/checkpoint"], self._run_train),
+            Stage("report", self.report_key, ["report/summary.json"], self._run_report),
+        ]
+        return stages
+
+    def _run_tasks(self) -> None:
+        from taskpgm_ray.models import ensure_run_tokenizer
+        from taskpgm_ray.tasks import write_manifest
+
+        write_manifest(self.tasks, self.out)
+        ensure_run_tokenizer(self.cfg.model, self.out)
+
+    def _run_probes(self) -> None:
+        from taskpgm_ray.distributed.probes import probe_command
+
+        probe_command(self.cfg)
+
+    def _run_estimate(self) -> None:
+        from taskpgm_ray.distributed.estimation import estimate_command
+
+        estimate_command(self.cfg)
+        shutil.copyfile(self.out / "mixture.json", self.out / "estimate" / "mixture.default.json")
+
+    def _run_tune(self) -> None:
+        from taskpgm_ray.tune import run_tune, write_best_mixture
+
+        result = run_tune(self.cfg, self.tasks, load_sums(self.out), resume=self.resume)
+        write_best_mixture(result["best"], self.tasks, self.out / "mixture.json", inputs_hash=self.tune_key())
+
+    def _run_train(self) -> None:
+        from taskpgm_ray.train import train_command
+
+        if not self.resume:  # a fresh run: do not continue a half-finished fine-tune of an older mixture
+            shutil.rmtree(self.out / "train", ignore_errors=True)
+        train_command(self.cfg, self.out / "mixture.json")
+
+    def _run_report(self) -> None:
+        from taskpgm_ray.report import make_report
+
+        make_report(self.out, tracking=self.cfg.tracking)
+
+    # -- orchestration -------------------------------------------------------------------------------
+    def is_done(self, stage: Stage, key: str) -> bool:
+        rec = self._state.get(stage.name, {})
+        return rec.get("key") == key and rec.get("status") == "done" and \
+            all((self.out / o).exists() for o in stage.outputs)
+
+    def run(self) -> list[tuple[str, str, float]]:
+        """Run every stage not already done with the same key; return (stage, status, seconds) rows."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(_yaml(self.cfg.to_dict()))
+        for stage in self.stages():
+            key = stage.key()
+            if self.is_done(stage, key):
+                self.timings.append((stage.name, "cached", 0.0))
+                self.console.print(f"[dim]stage {stage.name}: up to date (key {key})[/dim]")
+                continue
+            self.console.print(f"[bold]stage {stage.name}[/bold]: running")
+            self._record(stage.name, key, "running", 0.0)
+            start = time.time()
+            try:
+                stage.run()
+            except BaseException:
+                self._record(stage.name, key, "failed", time.time() - start)
+                self.timings.append((stage.name, "failed", time.time() - start))
+                self.print_table()
+                raise
+            seconds = time.time() - start
+            self._record(stage.name, key, "done", seconds)
+            self.timings.append((stage.name, "done", seconds))
+        self.print_table()
+        return self.timings
+
+    def _record(self, name: str, key: str, status: str, seconds: float) -> None:
+        self._state[name] = {"key": key, "status": status, "seconds": round(seconds, 2)}
+        atomic_write_json(self._state_path, self._state)
+
+    def print_table(self) -> None:
+        from rich.table import Table
+
+        table = Table(title=f"taskpgm run: {self.out}")
+        table.add_column("stage")
+        table.add_column("status")
+        table.add_column("seconds", justify="right")
+        for name, status, seconds in self.timings:
+            table.add_row(name, status, f"{seconds:.1f}")
+        table.add_row("total", "", f"{sum(s for _, _, s in self.timings):.1f}")
+        self.console.print(table)
+
+
+def load_sums(run_dir: str | Path) -> dict[str, Any]:
+    """The estimation sums Tune needs, from ``likelihoods.npz`` (and ``jsd.npz`` when present)."""
+    import numpy as np
+
+    run_dir = Path(run_dir)
+    with np.load(run_dir / "likelihoods.npz") as f:
+        sums = {"tasks": [str(t) for t in f["tasks"]], "loglik_sum": f["loglik_sum"], "count": f["count"]}
+    if (run_dir / "jsd.npz").exists():
+        with np.load(run_dir / "jsd.npz") as f:
+            sums["jsd_sum"], sums["jsd_count"] = f["jsd_sum"], f["token_count"]
+    return sums
+
+
+def _yaml(d: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(d, sort_keys=False)
+
+
+def run_pipeline(cfg: Config, *, resume: bool = False) -> list[tuple[str, str, float]]:
+    """The whole job: tasks, probes, estimate, tune, train, report."""
+    return Pipeline(cfg, resume=resume).run()

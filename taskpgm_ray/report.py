@@ -1,0 +1,242 @@
+"""Stage 8: plots and tables of a finished run (``report/``), and the same to W&B.
+
+Reads only artefacts (tasks.json, likelihoods.npz, mixture.json, train/summary.json, tune/results.json),
+so ``taskpgm report RUN_DIR`` works on any run directory, also one copied from a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from taskpgm_ray.config import TrackingConfig
+from taskpgm_ray.io import atomic_write_json, atomic_write_text
+
+BASELINE_TEMPERATURE = 2.0  # the temperature baseline drawn beside the mixture when Tune did not pick one
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def spectral_order(S: np.ndarray) -> np.ndarray:
+    """A clustered order of the tasks: sort by the Fiedler vector of the affinity graph's Laplacian."""
+    W = np.exp(S - S.max())  # PMI <= 0: turn into positive similarities
+    np.fill_diagonal(W, 0.0)
+    L = np.diag(W.sum(1)) - W
+    if len(S) < 3:
+        return np.arange(len(S))
+    _, vecs = np.linalg.eigh(L)
+    return np.argsort(vecs[:, 1], kind="stable")
+
+
+def _savefig(fig: Any, path: Path) -> Path:
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=130, bbox_inches="tight")
+    tmp.replace(path)
+    return path
+
+
+def plot_affinity(names: list[str], S: np.ndarray, path: Path, title: str) -> Path:
+    """Heatmap of an affinity matrix in clustered order, values annotated when small enough to read."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = spectral_order(S)
+    M = S[np.ix_(order, order)]
+    n = len(names)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * n, 0.6 + 0.5 * n))
+    im = ax.imshow(M, cmap="viridis")
+    ax.set_xticks(range(n), [names[i] for i in order], rotation=45, ha="right")
+    ax.set_yticks(range(n), [names[i] for i in order])
+    if n <= 16:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, f"{M[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if M[i, j] < M.mean() else "black")
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    ax.set_title(title)
+    _savefig(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_mixtures(names: list[str], mixtures: dict[str, np.ndarray], path: Path) -> Path:
+    """Grouped bars: the chosen mixture beside the baselines, one group per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n, k = len(names), len(mixtures)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * n), 3.6))
+    width = 0.8 / k
+    for i, (label, w) in enumerate(mixtures.items()):
+        ax.bar(np.arange(n) + (i - (k - 1) / 2) * width, w, width, label=label)
+    ax.set_xticks(range(n), names, rotation=45, ha="right")
+    ax.set_ylabel("weight")
+    ax.set_title("mixture weights")
+    ax.legend(frameon=False)
+    _savefig(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_losses(summary: dict, path: Path) -> Path | None:
+    """Training loss and mean validation loss over steps (from ``train/summary.json``'s history)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = summary.get("loss_history") or []
+    evals = summary.get("eval_history") or []
+    if not train and not evals:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    if train:
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", alpha=0.8)
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss_mean"] for r in evals], "o-", label="validation loss (mean)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.legend(frameon=False)
+    ax.set_title("fine-tune on the mixture")
+    _savefig(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_tune(results: dict, path: Path) -> Path | None:
+    """Tune trials: beta/lambda ratio against validation loss; baselines as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trials = [t for t in results["trials"] if t["validation_loss"] is not None]
+    if not trials:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for aff, marker in (("pmi", "o"), ("jsd", "s")):
+        pts = [t for t in trials if t["kind"] == "taskpgm" and t["affinity"] == aff]
+        if pts:
+            ax.scatter([t["hyperparameters"]["ratio"] for t in pts], [t["validation_loss"] for t in pts],
+                       marker=marker, label=f"TaskPGM ({aff})")
+    for t in trials:
+        if t["kind"] != "taskpgm":
+            label = t["kind"] + (f" T={t['params']['temperature']}" if t["params"].get("temperature") else "")
+            ax.axhline(t["validation_loss"], ls="--", lw=1, color="gray")
+            ax.annotate(label, (0.01, t["validation_loss"]), xycoords=("axes fraction", "data"), fontsize=7,
+                        va="bottom")
+    ax.set_xscale("log")
+    ax.set_xlabel("beta / lambda")
+    ax.set_ylabel("validation loss (mean over tasks)")
+    ax.set_title("Tune trials")
+    ax.legend(frameon=False)
+    _savefig(fig, path)
+    plt.close(fig)
+    return path
+
+
+def _table_markdown(rows: list[dict], columns: list[str]) -> str:
+    def fmt(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def run_tracking(run_dir: str | Path) -> TrackingConfig:
+    """The W&B settings a run was made with (its saved ``config.yaml``), else the defaults."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    saved = (yaml.safe_load(path.read_text()) or {}).get("tracking") if path.exists() else None
+    return TrackingConfig(**saved) if saved else TrackingConfig()
+
+
+def make_report(run_dir: str | Path, *, tracking: TrackingConfig | None = None) -> dict[str, Any]:
+    """Write ``report/`` (PNG plots, ``summary.json``, ``summary.md``) for a run; log them to W&B."""
+    from taskpgm_ray.mixture import baseline_weights, pmi_affinity
+
+    run_dir = Path(run_dir).resolve()
+    if not (run_dir / "mixture.json").exists():
+        raise FileNotFoundError(f"{run_dir}: not a finished run directory (no mixture.json)")
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    mixture = json.loads((run_dir / "mixture.json").read_text())
+    names = list(mixture["weights"])
+    sizes = np.array([mixture["sizes"][n] for n in names], dtype=float)
+    plots: dict[str, Path] = {}
+
+    if (run_dir / "likelihoods.npz").exists():
+        with np.load(run_dir / "likelihoods.npz") as f:
+            lik_names = [str(t) for t in f["tasks"]]
+            L = f["loglik_sum"] / f["count"][None, :]
+        plots["affinity"] = plot_affinity(lik_names, pmi_affinity(L), out / "affinity.png",
+                                          "PMI affinity (clustered order)")
+    mixtures = {f"chosen ({mixture['method']})": np.array([mixture["weights"][n] for n in names])}
+    for kind in ("uniform", "size"):
+        mixtures[kind] = baseline_weights(kind, sizes)
+    mixtures[f"temperature T={BASELINE_TEMPERATURE:g}"] = baseline_weights("temperature", sizes,
+                                                                           temperature=BASELINE_TEMPERATURE)
+    plots["mixture"] = plot_mixtures(names, mixtures, out / "mixture.png")
+
+    summary = _read_json(run_dir / "train" / "summary.json") or {}
+    if summary and (p := plot_losses(summary, out / "loss.png")):
+        plots["loss"] = p
+    tune_results = _read_json(run_dir / "tune" / "results.json")
+    if tune_results and (p := plot_tune(tune_results, out / "tune.png")):
+        plots["tune"] = p
+
+    rows = []
+    for n in names:
+        rows.append({
+            "task": n, "weight": mixture["weights"][n], "uniform": 1.0 / len(names),
+            "train_size": int(mixture["sizes"][n]),
+            "samples": (summary.get("samples_per_task") or {}).get(n),
+            "eval_loss": (summary.get("eval_loss_per_task") or {}).get(n),
+            "eval_accuracy": (summary.get("eval_accuracy_per_task") or {}).get(n),
+        })
+    report = {
+        "run_dir": str(run_dir), "method": mixture["method"], "affinity": mixture.get("affinity"),
+        "hyperparameters": mixture.get("hyperparameters"), "eval_loss_mean": summary.get("eval_loss_mean"),
+        "throughput": summary.get("throughput"), "tasks": rows,
+        "tune_best": (tune_results or {}).get("best", {}).get("validation_loss"),
+        "plots": {k: str(v.relative_to(run_dir)) for k, v in plots.items()},
+    }
+    md = [f"# taskpgm report: {run_dir.name}", "",
+          f"Mixture: **{mixture['method']}** (affinity {mixture.get('affinity')}), "
+          f"hyperparameters `{json.dumps(mixture.get('hyperparameters'))}`.", "",
+          f"Mean validation loss after the fine-tune: **{summary.get('eval_loss_mean')}**", "",
+          _table_markdown(rows, ["task", "weight", "uniform", "train_size", "samples", "eval_loss", "eval_accuracy"]),
+          ""]
+    md += [f"![{k}]({v.name})" for k, v in plots.items()]
+    atomic_write_text(out / "summary.md", "\n".join(md) + "\n")
+    atomic_write_json(out / "summary.json", report)
+    _log_wandb(tracking or TrackingConfig(), run_dir, report, plots)
+    return report
+
+
+def _log_wandb(tracking: TrackingConfig, run_dir: Path, report: dict, plots: dict[str, Path]) -> None:
+    from taskpgm_ray.tracking import wandb_run
+
+    with wandb_run(tracking, run_dir, job_type="report", name="report") as run:
+        if run is None:
+            return
+        import wandb
+
+        columns = ["task", "weight", "uniform", "train_size", "samples", "eval_loss", "eval_accuracy"]
+        run.log({
+            **{f"report/{k}": wandb.Image(str(v)) for k, v in plots.items()},
+            "report/tasks": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in report["tasks"]]),
+        })
+        run.summary["eval_loss_mean"] = report["eval_loss_mean"]
+        run.summary["mixture"] = {r["task"]: r["weight"] for r in report["tasks"]}

@@ -1,0 +1,203 @@
+"""Stage 7: Ray Tune over the energy hyperparameters, with the baselines as reference trials.
+
+A trial solves the mixture from the cached estimation sums (no model runs), then fine-tunes with the
+unchanged Ray Train + DeepSpeed trainer for ``tune.trial_steps`` and reports the mean validation loss.
+RAY_NOTES: a trial is a function that builds a ``TorchTrainer`` and calls ``.fit()``; trial drivers take
+almost no CPU and concurrency is capped by the cluster, so a 2-core machine never deadlocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from taskpgm_ray.config import Config, EnergyConfig
+from taskpgm_ray.io import atomic_write_json
+from taskpgm_ray.tasks import TaskData
+
+TRIAL_CPU = 0.01  # RAY_NOTES: 0 is rejected, 1 (the default) starves the trial's own Train workers
+
+
+# --------------------------------------------------------------------------------------------------
+# the search space
+
+
+def search_space(cfg: Config) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(Tune param_space for TaskPGM trials, the baselines as ``points_to_evaluate``)."""
+    from ray import tune
+
+    t = cfg.tune
+    lo, hi = t.ratio_range
+    space: dict[str, Any] = {
+        "kind": "taskpgm",
+        "ratio": tune.loguniform(lo, hi) if hi > lo else lo,
+        "affinity": tune.choice(t.affinities),
+        "kernel": tune.choice(t.kernels),
+        "tau": tune.choice(t.taus),
+        "unary": cfg.energy.unary,
+        "budget": tune.choice(t.budgets) if t.budgets else None,
+        "temperature": None,
+    }
+    if t.search == "grid":
+        ratios = np.geomspace(lo, hi, max(1, t.num_samples)).tolist()
+        space.update(ratio=tune.grid_search(ratios), affinity=tune.grid_search(t.affinities),
+                     kernel=tune.grid_search(t.kernels))
+    base = {"ratio": 1.0, "affinity": None, "kernel": None, "tau": None, "unary": None, "budget": None,
+            "temperature": None}
+    points = []
+    if t.baselines:
+        points = [{**base, "kind": "uniform"}, {**base, "kind": "size"}]
+        points += [{**base, "kind": "temperature", "temperature": T} for T in t.temperatures]
+    return space, points
+
+
+def trial_energy(cfg: EnergyConfig, params: dict[str, Any]) -> EnergyConfig:
+    """The energy settings of a TaskPGM trial: lam fixed at the config's, beta = ratio * lam."""
+    lam = cfg.lam if cfg.lam > 0 else 1.0
+    return dataclasses.replace(
+        cfg, beta=float(params["ratio"]) * lam, lam=lam, affinity=params["affinity"], kernel=params["kernel"],
+        tau=float(params["tau"]), unary=params["unary"], budget=params["budget"],
+    )
+
+
+def trial_weights(params: dict[str, Any], sums: dict[str, Any], cfg: Config,
+                  tasks: list[TaskData]) -> tuple[dict[str, float], dict[str, Any]]:
+    """The mixture a trial trains on, and its description (method, hyperparameters, energy)."""
+    from taskpgm_ray.distributed.solve import solve_from_sums
+    from taskpgm_ray.mixture import baseline_weights
+
+    names = [t.name for t in tasks]
+    sizes = np.array([len(t.train) for t in tasks], dtype=float)
+    if params["kind"] != "taskpgm":
+        w = baseline_weights(params["kind"], sizes, temperature=params.get("temperature"))
+        desc = {"method": params["kind"], "affinity": None, "energy": None, "kkt_residual": None,
+                "hyperparameters": {"temperature": params["temperature"]} if params["temperature"] else {}}
+        return dict(zip(names, map(float, w))), desc
+    energy = trial_energy(cfg.energy, params)
+    utilities = [t.utility for t in tasks] if energy.unary == "utility" else None
+    weights, sol, _ = solve_from_sums(sums["loglik_sum"], sums["count"], sums.get("jsd_sum"),
+                                      sums.get("jsd_count"), energy, utilities=utilities)
+    hyper = {"beta": energy.beta, "lam": energy.lam, "ratio": float(params["ratio"]), "kernel": energy.kernel,
+             "tau": energy.tau, "unary": energy.unary, "budget": energy.budget, "solver": energy.method}
+    desc = {"method": "taskpgm", "affinity": energy.affinity, "energy": float(sol.energy),
+            "kkt_residual": float(sol.kkt_residual), "hyperparameters": hyper}
+    return dict(zip(names, map(float, weights))), desc
+
+
+# --------------------------------------------------------------------------------------------------
+# the trial
+
+
+def _trial(params: dict[str, Any], *, cfg: Config, tasks: list[TaskData], sums: dict[str, Any],
+           run_dir: str) -> None:
+    """One Tune trial: solve (cheap), then a short Ray Train + DeepSpeed fine-tune reporting to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from taskpgm_ray.train import build_trainer
+
+    weights, _ = trial_weights(params, sums, cfg, tasks)
+    trial_dir = Path(run_dir) / "tune" / "trials" / tune.get_context().get_trial_id()
+    trainer = build_trainer(cfg, tasks, weights, run_dir=str(trial_dir), name="train",
+                            steps=cfg.tune.trial_steps, num_workers=cfg.tune.trial_workers,
+                            callbacks=[TuneReportCallback()])
+    trainer.fit()
+
+
+def max_concurrent_trials(cfg: Config) -> int:
+    """Trials that fit at once: each needs ``trial_workers`` Train workers of ``cpus_per_worker`` (and GPUs)."""
+    from taskpgm_ray.distributed.cluster import cluster_resources
+
+    if cfg.tune.max_concurrent:
+        return cfg.tune.max_concurrent
+    have = cluster_resources()
+    per_trial_cpu = cfg.tune.trial_workers * cfg.train.cpus_per_worker
+    fit = math.floor((have["CPU"] - TRIAL_CPU * 8) / per_trial_cpu + 1e-9)
+    if cfg.train.use_gpu:
+        fit = min(fit, math.floor(have["GPU"] / cfg.tune.trial_workers + 1e-9))
+    if fit < 1:
+        raise ValueError(f"tune.trial_workers: a trial needs {per_trial_cpu:g} CPUs for its Train workers but the "
+                         f"cluster has {have['CPU']:g}; lower tune.trial_workers or train.cpus_per_worker")
+    return fit
+
+
+def run_tune(cfg: Config, tasks: list[TaskData], sums: dict[str, Any], *, resume: bool = False) -> dict[str, Any]:
+    """Search, write ``tune/results.json``, and return ``{"best": ..., "trials": [...]}``.
+
+    ``sums`` holds the estimation sums (``loglik_sum``, ``count``, optional ``jsd_sum``, ``jsd_count``).
+    """
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from taskpgm_ray.distributed.cluster import init_ray
+
+    init_ray()
+    out = Path(cfg.output_dir).resolve()
+    concurrent = max_concurrent_trials(cfg)
+    space, points = search_space(cfg)
+    n_taskpgm = 1 if cfg.tune.search == "grid" else cfg.tune.num_samples
+    if cfg.tune.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        searcher = tune.search.ConcurrencyLimiter(
+            OptunaSearch(points_to_evaluate=points or None, metric="eval_loss_mean", mode="min", seed=cfg.train.seed),
+            max_concurrent=concurrent)
+    else:  # RAY_NOTES: with a search algorithm, cap concurrency on it; max_concurrent_trials is ignored
+        searcher = BasicVariantGenerator(points_to_evaluate=points or None, max_concurrent=concurrent,
+                                         random_state=cfg.train.seed)
+    evals = max(1, cfg.tune.trial_steps // max(1, cfg.train.eval_every or cfg.tune.trial_steps))
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(evals, cfg.tune.asha_grace),
+                              grace_period=cfg.tune.asha_grace, reduction_factor=2)
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, cfg=cfg, tasks=tasks, sums=sums, run_dir=str(out)), {"cpu": TRIAL_CPU})
+    storage = out / "tune" / "ray"
+    started = time.time()
+    if resume and tune.Tuner.can_restore(str(storage / "search")):
+        tuner = tune.Tuner.restore(str(storage / "search"), trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(metric="eval_loss_mean", mode="min", search_alg=searcher,
+                                        scheduler=scheduler, num_samples=n_taskpgm + len(points)),
+            run_config=tune.RunConfig(name="search", storage_path=str(storage)),
+        )
+    grid = tuner.fit()
+    trials = []
+    for r in grid:
+        params = dict(r.config)
+        weights, desc = trial_weights(params, sums, cfg, tasks)
+        m = r.metrics or {}
+        trials.append({
+            "trial_id": m.get("trial_id"), "kind": params["kind"], "params": params, **desc,
+            "weights": weights, "validation_loss": m.get("eval_loss_mean"),
+            "validation_loss_per_task": {t.name: m.get(f"eval_loss/{t.name}") for t in tasks},
+            "iterations": m.get("training_iteration"),
+            "status": "error" if r.error else ("stopped_early" if (m.get("training_iteration") or 0) < evals
+                                               else "completed"),
+            "error": str(r.error).splitlines()[0] if r.error else None,
+        })
+    ok = [t for t in trials if t["validation_loss"] is not None and math.isfinite(t["validation_loss"])]
+    if not ok:
+        raise RuntimeError(f"tune: no trial reported a validation loss ({len(trials)} trials; see {storage})")
+    best = min(ok, key=lambda t: t["validation_loss"])
+    result = {"best": best, "trials": trials, "seconds": time.time() - started,
+              "max_concurrent": concurrent, "metric": "eval_loss_mean (mean validation loss over tasks)"}
+    atomic_write_json(out / "tune" / "results.json", result)
+    return result
+
+
+def write_best_mixture(best: dict[str, Any], tasks: list[TaskData], path: str | Path, *, inputs_hash: str) -> None:
+    """Write the best trial's mixture as ``mixture.json`` (CONTRACT.md), validation loss in its hyperparameters."""
+    from taskpgm_ray.mixture_file import write_mixture
+
+    hyper = {**best["hyperparameters"], "selected_by": "tune", "validation_loss": best["validation_loss"]}
+    write_mixture(path, weights=best["weights"], method=best["method"], affinity=best["affinity"],
+                  hyperparameters=hyper, energy=best["energy"], kkt_residual=best["kkt_residual"],
+                  sizes={t.name: len(t.train) for t in tasks}, inputs_hash=inputs_hash)
