@@ -27,8 +27,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/taskpgm tasks synth --out runs/test/data/suite-preview --seed 7
-	$(VENV)/bin/taskpgm tasks list --test-mode
+	$(VENV)/bin/taskpgm run --test-mode
 
 test: setup
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)

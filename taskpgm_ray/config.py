@@ -217,6 +217,8 @@ class TuneConfig:
     budgets: list[int] | None = doc("budgets k searched (null: no budget)", None)
     trial_steps: int = doc("training steps per trial", 60)
     trial_workers: int = doc("Ray Train workers per trial", 1)
+    trial_cpus_per_worker: float = doc(
+        "CPUs per Train worker in a trial (below 1 lets two 1-worker trials share 2 CPUs)", 1.0)
     asha_grace: int = doc("ASHA grace period in evaluations", 1)
     baselines: bool = doc("run uniform/size/temperature as reference trials", True)
     temperatures: list[float] = doc("temperatures for the temperature baseline", factory=lambda: [2.0])

@@ -102,6 +102,7 @@ def _trial(params: dict[str, Any], *, cfg: Config, tasks: list[TaskData], sums: 
     from taskpgm_ray.train import build_trainer
 
     weights, _ = trial_weights(params, sums, cfg, tasks)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, cpus_per_worker=cfg.tune.trial_cpus_per_worker))
     trial_dir = Path(run_dir) / "tune" / "trials" / tune.get_context().get_trial_id()
     trainer = build_trainer(cfg, tasks, weights, run_dir=str(trial_dir), name="train",
                             steps=cfg.tune.trial_steps, num_workers=cfg.tune.trial_workers,
@@ -113,17 +114,16 @@ def max_concurrent_trials(cfg: Config) -> int:
     """Trials that fit at once: each needs ``trial_workers`` Train workers of ``cpus_per_worker`` (and GPUs)."""
     from taskpgm_ray.distributed.cluster import cluster_resources
 
-    if cfg.tune.max_concurrent:
-        return cfg.tune.max_concurrent
     have = cluster_resources()
-    per_trial_cpu = cfg.tune.trial_workers * cfg.train.cpus_per_worker
-    fit = math.floor((have["CPU"] - TRIAL_CPU * 8) / per_trial_cpu + 1e-9)
+    per_trial_cpu = cfg.tune.trial_workers * cfg.tune.trial_cpus_per_worker
+    fit = math.floor(have["CPU"] / (per_trial_cpu + TRIAL_CPU) + 1e-9)
     if cfg.train.use_gpu:
         fit = min(fit, math.floor(have["GPU"] / cfg.tune.trial_workers + 1e-9))
     if fit < 1:
         raise ValueError(f"tune.trial_workers: a trial needs {per_trial_cpu:g} CPUs for its Train workers but the "
-                         f"cluster has {have['CPU']:g}; lower tune.trial_workers or train.cpus_per_worker")
-    return fit
+                         f"cluster has {have['CPU']:g}; lower tune.trial_workers or tune.trial_cpus_per_worker")
+    # More than fits would leave trial drivers holding CPUs their Train workers wait for: a hang, not a speed-up.
+    return min(cfg.tune.max_concurrent, fit) if cfg.tune.max_concurrent else fit
 
 
 def run_tune(cfg: Config, tasks: list[TaskData], sums: dict[str, Any], *, resume: bool = False) -> dict[str, Any]:
