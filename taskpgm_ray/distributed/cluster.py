@@ -28,11 +28,11 @@ def init_ray(*, num_cpus: int | None = None, num_gpus: int | None = None) -> Non
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
-    kwargs: dict = {"runtime_env": {"env_vars": worker_env()}, "log_to_driver": True}
-    if address:
-        ray.init(address=address, **kwargs)
+    if address:  # a submitted job: its runtime env (launch/submit.sh) already carries the environment
+        ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, dashboard_host="127.0.0.1", **kwargs)
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, dashboard_host="127.0.0.1", log_to_driver=True,
+                 runtime_env={"env_vars": worker_env()})
 
 
 def cluster_resources() -> dict[str, float]:
