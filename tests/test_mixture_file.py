@@ -1,0 +1,165 @@
+"""mixture.json and likelihoods.npz: atomic writes, validation errors, round trips, exports."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from taskpgm_ray import mixture_file as mf
+
+WEIGHTS = {"alpaca": 0.5, "gsm8k": 0.3, "code": 0.2, "noise": 0.0}
+SIZES = {"alpaca": 1000, "gsm8k": 400, "code": 2500, "noise": 50}
+
+
+def write(path, **over):
+    kw = dict(
+        weights=WEIGHTS,
+        method="taskpgm",
+        affinity="pmi",
+        hyperparameters={"beta": 1.0, "lam": 0.5},
+        energy=-1.25,
+        kkt_residual=1e-15,
+        sizes=SIZES,
+        inputs_hash="ab12",
+    )
+    kw.update(over)
+    mf.write_mixture(str(path), **kw)
+
+
+def test_mixture_round_trip_and_format(tmp_path):
+    p = tmp_path / "mixture.json"
+    write(p)
+    doc = mf.read_mixture(str(p))
+    assert doc["format"] == "taskpgm-mixture/1"
+    assert doc["weights"] == WEIGHTS and doc["sizes"] == SIZES
+    assert doc["method"] == "taskpgm" and doc["affinity"] == "pmi" and doc["energy"] == -1.25
+    assert doc["created"].endswith("+00:00") and "T" in doc["created"]
+    assert set(json.loads(p.read_text())) == {
+        "format",
+        "weights",
+        "method",
+        "affinity",
+        "hyperparameters",
+        "energy",
+        "kkt_residual",
+        "sizes",
+        "inputs_hash",
+        "created",
+    }
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp")] == []
+
+
+def test_write_is_atomic_on_failure(tmp_path, monkeypatch):
+    p = tmp_path / "mixture.json"
+    write(p)
+    before = p.read_text()
+
+    def boom(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        write(p, energy=-9.0)
+    assert p.read_text() == before  # the old file is intact
+    assert os.listdir(tmp_path) == ["mixture.json"]  # no temporary left behind
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda d: d.update(format="other/2"), r"field 'format' must be 'taskpgm-mixture/1'"),
+        (lambda d: d["weights"].update(alpaca=-0.1, gsm8k=0.9), r"weights\['alpaca'\] is negative"),
+        (lambda d: d["weights"].update(alpaca=0.6), r"weights sum to 1\.1, not 1"),
+        (lambda d: d["weights"].update(code=float("nan")), r"weights\['code'\] must be a finite number"),
+        (lambda d: d.pop("sizes"), r"missing field 'sizes'"),
+        (lambda d: d.update(method="magic"), r"field 'method' must be one of"),
+    ],
+)
+def test_read_mixture_errors_name_file_and_field(tmp_path, edit, match):
+    p = tmp_path / "mixture.json"
+    write(p)
+    doc = json.loads(p.read_text())
+    edit(doc)
+    p.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=str(p).replace(".", r"\.") + ": " + match):
+        mf.read_mixture(str(p))
+
+
+def test_write_mixture_rejects_bad_weights(tmp_path):
+    with pytest.raises(ValueError, match=r"weights sum to 0\.9"):
+        write(tmp_path / "m.json", weights={"a": 0.9}, sizes={"a": 1})
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_likelihoods_round_trip(tmp_path):
+    p = str(tmp_path / "likelihoods.npz")
+    tasks = ["a", "b", "c"]
+    ll = -np.arange(9.0).reshape(3, 3) - 1
+    mf.save_likelihoods(p, tasks, ll, [3, 4, 5], sizes=[10, 20, 30])
+    assert sorted(os.listdir(tmp_path)) == ["likelihoods.npz"]  # no "likelihoods.npz.npz", no temporaries
+    t, l2, c, s = mf.load_likelihoods(p)
+    assert t == tasks and np.array_equal(l2, ll) and c.tolist() == [3, 4, 5] and s.tolist() == [10, 20, 30]
+    mf.save_likelihoods(p, tasks, ll, [3, 4, 5])
+    assert mf.load_likelihoods(p)[3] is None
+
+
+@pytest.mark.parametrize(
+    "arrays, match",
+    [
+        ({"tasks": ["a", "b"], "count": [1, 1]}, r"missing array 'loglik_sum'"),
+        (
+            {"tasks": ["a", "b"], "loglik_sum": -np.ones((2, 3)), "count": [1, 1]},
+            r"'loglik_sum' must have shape \(2, 2\) for 2 tasks",
+        ),
+        ({"tasks": ["a", "b"], "loglik_sum": -np.ones((2, 2)), "count": [1, 0]}, r"count for task 'b' is 0"),
+        (
+            {"tasks": ["a", "b"], "loglik_sum": np.array([[-1, np.nan], [-1, -1]]), "count": [1, 1]},
+            r"loglik_sum\[0, 1\] \(proxy 'a' on task 'b'\) is not finite",
+        ),
+    ],
+)
+def test_load_likelihoods_errors(tmp_path, arrays, match):
+    p = str(tmp_path / "L.npz")
+    np.savez(p, **{k: np.asarray(v) for k, v in arrays.items()})
+    with pytest.raises(ValueError, match=match):
+        mf.load_likelihoods(p)
+
+
+@pytest.mark.parametrize("to", ["hf", "llamafactory", "megatron", "json"])
+def test_exports_round_trip(to):
+    mixture = {"weights": {"a": 0.1234567890123, "b": 0.5, "c": 0.3765432109877, "d": 0.0}, "sizes": SIZES}
+    text = mf.export_mixture(mixture, to)
+    back = mf.parse_export(text, to)
+    for task, w in mixture["weights"].items():
+        assert back.get(task, 0.0) == pytest.approx(w, abs=1e-15)
+
+
+def test_export_formats_look_right():
+    mixture = {"weights": {"a": 0.25, "b": 0.75}}
+    assert mf.export_mixture(mixture, "megatron") == "--data-path 0.25 a 0.75 b\n"
+    lf = mf.export_mixture(mixture, "llamafactory")
+    assert (
+        "dataset: a,b\n" in lf
+        and "mix_strategy: interleave_under\n" in lf
+        and "interleave_probs: 0.25,0.75" in lf
+    )
+    assert "probabilities = [0.25, 0.75]" in mf.export_mixture(mixture, "hf")
+    with pytest.raises(ValueError, match=r"unknown export format 'fairseq'"):
+        mf.export_mixture(mixture, "fairseq")
+    with pytest.raises(
+        ValueError, match=r"axolotl export needs a positive size for every task; missing for a, b"
+    ):
+        mf.export_mixture(mixture, "axolotl")
+
+
+def test_axolotl_export_down_samples_and_round_trips():
+    weights = {"alpaca": 0.5, "gsm8k": 0.3, "code": 0.2, "noise": 0.0}
+    text = mf.export_mixture({"weights": weights, "sizes": SIZES}, "axolotl")
+    assert "can only down-sample" in text and "noise" not in text
+    # the largest need (w / N): gsm8k 0.3/400 -> kept whole
+    assert "- path: gsm8k\n    split: train[:400]" in text
+    back = mf.parse_export(text, "axolotl")
+    for task, w in weights.items():
+        # kept counts are rounded to whole examples: error <= 0.5 / kept count, relative
+        assert back.get(task, 0.0) == pytest.approx(w, abs=2e-3)
