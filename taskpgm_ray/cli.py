@@ -171,6 +171,77 @@ def tune_cmd(config: str | None, test_mode: bool, output_dir: str | None) -> Non
 
 
 @cli.command()
+@click.option("--likelihoods", "lik_path", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="likelihoods.npz (CONTRACT.md).")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="mixture.json to write.")
+@click.option("--affinity", type=click.Choice(["pmi", "jsd"]), default="pmi", show_default=True)
+@click.option("--jsd", "jsd_path", type=click.Path(dir_okay=False), default=None,
+              help="jsd.npz for --affinity jsd (default: beside the likelihoods).")
+@click.option("--kernel", type=click.Choice(["psd", "exp"]), default="psd", show_default=True)
+@click.option("--tau", type=float, default=1.0, show_default=True, help="exp-kernel temperature.")
+@click.option("--beta", type=float, default=1.0, show_default=True, help="Weight of the unary term.")
+@click.option("--lam", type=float, default=1.0, show_default=True, help="Weight of the pairwise term.")
+@click.option("--method", type=click.Choice(["exact", "closed_form", "first_order", "blocks"]), default="exact",
+              show_default=True)
+@click.option("--budget", type=int, default=None, help="Choose at most K tasks (budgeted greedy).")
+@click.option("--min-weight", type=float, default=None, help="Per-task minimum weight.")
+@click.option("--max-weight", type=float, default=None, help="Per-task maximum weight.")
+def solve(lik_path: str, out: str, affinity: str, jsd_path: str | None, kernel: str, tau: float, beta: float,
+          lam: float, method: str, budget: int | None, min_weight: float | None, max_weight: float | None) -> None:
+    """Stage 5 alone: the mixture from a saved likelihood matrix."""
+    import dataclasses
+    import hashlib
+
+    import numpy as np
+
+    from taskpgm_ray.config import config_from_dict
+    from taskpgm_ray.distributed.solve import solve_from_sums
+    from taskpgm_ray.mixture_file import load_likelihoods, write_mixture
+
+    energy = {"affinity": affinity, "kernel": kernel, "tau": tau, "beta": beta, "lam": lam, "method": method,
+              "budget": budget, "min_weight": min_weight, "max_weight": max_weight}
+    # The same validation as a config file's energy section, so the same mistakes get the same messages.
+    checked = config_from_dict({"tasks": [], "synthetic": {}, "energy": energy,
+                                "estimation": {"jsd": True}}).energy
+    tasks, loglik_sum, count, sizes = load_likelihoods(lik_path)
+    jsd_sum = jsd_count = None
+    if affinity == "jsd":
+        jsd_path = jsd_path or str(Path(lik_path).with_name("jsd.npz"))
+        if not Path(jsd_path).exists():
+            raise click.UsageError(f"--affinity jsd needs {jsd_path} (or --jsd PATH)")
+        with np.load(jsd_path) as f:
+            if [str(t) for t in f["tasks"]] != list(tasks):
+                raise ValueError(f"{jsd_path}: tasks differ from {lik_path}")
+            jsd_sum, jsd_count = f["jsd_sum"], f["token_count"]
+    weights, sol, _ = solve_from_sums(loglik_sum, count, jsd_sum, jsd_count, checked)
+    hyper = {k: v for k, v in dataclasses.asdict(checked).items() if k not in ("affinity", "unary")}
+    size_map = {t: int(s) for t, s in zip(tasks, sizes)} if sizes is not None else {t: 0 for t in tasks}
+    write_mixture(out, weights=dict(zip(tasks, map(float, weights))), method="taskpgm", affinity=affinity,
+                  hyperparameters=hyper, energy=sol.energy, kkt_residual=sol.kkt_residual, sizes=size_map,
+                  inputs_hash=hashlib.sha256(Path(lik_path).read_bytes() + repr(hyper).encode()).hexdigest()[:16])
+    top = sorted(zip(tasks, weights), key=lambda kv: -kv[1])[:5]
+    click.echo(f"wrote {out}: energy {sol.energy:.6g}, KKT residual {sol.kkt_residual:.2e}; top: " +
+               ", ".join(f"{t}={w:.3f}" for t, w in top))
+
+
+@cli.command()
+@click.argument("mixture_path", type=click.Path(dir_okay=False, exists=True))
+@click.option("--to", "to", required=True, type=click.Choice(["hf", "llamafactory", "axolotl", "megatron", "json"]))
+@click.option("--out", "out", type=click.Path(dir_okay=False), default=None, help="Write here instead of stdout.")
+def export(mixture_path: str, to: str, out: str | None) -> None:
+    """The mixture in another framework's format."""
+    from taskpgm_ray.io import atomic_write_text
+    from taskpgm_ray.mixture_file import export_mixture, read_mixture
+
+    text = export_mixture(read_mixture(mixture_path), to)
+    if out:
+        atomic_write_text(out, text)
+        click.echo(f"wrote {out}")
+    else:
+        click.echo(text, nl=not text.endswith("\n"))
+
+
+@cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
 def report(run_dir: str) -> None:
     """Plots and tables of a finished run (RUN_DIR/report)."""
