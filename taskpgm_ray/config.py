@@ -532,7 +532,8 @@ def reference_markdown() -> str:
                 continue
             default = f.default if f.default is not dataclasses.MISSING else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
-            rows.append(f"| `{prefix}{f.name}` | {_type_name(tp)} | `{default!r}` | {f.metadata.get('doc', '')} |")
+            type_name = _type_name(tp).replace("|", "\\|")  # a literal pipe would split the table cell
+            rows.append(f"| `{prefix}{f.name}` | {type_name} | `{default!r}` | {f.metadata.get('doc', '')} |")
         if rows:
             title = prefix.rstrip(".") or "top level"
             lines.extend([f"**{title}** — {cls.__doc__}", "", "| field | type | default | meaning |",

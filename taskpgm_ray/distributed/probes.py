@@ -1,0 +1,205 @@
+"""Stage 2: one small proxy per task, a LoRA adapter (peft) on the shared base model, as Ray tasks.
+
+Each adapter is cached under ``<output_dir>/probes/<task>-<hash>/`` where the hash covers the task's data,
+the proxy settings and the base model, and is written whole or not at all (temp dir, then rename). A re-run
+trains only what is missing; a failed probe is retried by Ray (``max_retries``) and then reported by name,
+after the adapters that did finish are on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from taskpgm_ray.config import Config, ModelConfig, ProbeConfig
+from taskpgm_ray.tasks import TaskData
+
+# Settings that change what a probe learns; resources and retries do not, so they stay out of the hash.
+_NOT_HASHED = ("num_gpus", "num_cpus", "max_retries")
+# Test hook: comma-separated task names whose probe raises (on every attempt) before training.
+FAIL_ENV = "TASKPGM_TEST_FAIL_PROBES"
+
+
+class ProbeError(RuntimeError):
+    """Some probes failed after their retries; ``failed`` maps task name to the last error."""
+
+    def __init__(self, failed: dict[str, str], kept: int, where: Path):
+        self.failed = failed
+        names = ", ".join(sorted(failed))
+        detail = "; ".join(f"{k}: {v}" for k, v in sorted(failed.items()))
+        super().__init__(f"probe fine-tune failed for task(s) {names} ({detail}); "
+                         f"{kept} finished adapter(s) kept under {where}; re-run to retry only the failed ones")
+
+
+def probe_hash(task: TaskData, probes: ProbeConfig, model: ModelConfig) -> str:
+    """Content hash of what determines an adapter: task data, proxy settings, base model."""
+    settings = {k: v for k, v in asdict(probes).items() if k not in _NOT_HASHED}
+    blob = json.dumps({"task": task.hash, "probe": settings, "model": asdict(model)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def probe_dir(cfg: Config, task: TaskData) -> Path:
+    """Where the adapter of ``task`` lives: ``<output_dir>/probes/<task>-<hash>``."""
+    return Path(cfg.output_dir) / "probes" / f"{task.name}-{probe_hash(task, cfg.probes, cfg.model)}"
+
+
+def is_complete(path: Path) -> bool:
+    """An adapter directory counts only once its metadata is there (it is written last, then renamed)."""
+    return (path / "probe.json").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# the worker
+
+
+def train_probe(task_name: str, pairs: list[tuple[str, str]], probes: dict, model: dict,
+                tokenizer_path: str, out_dir: str, fail: bool = False) -> dict:
+    """Fine-tune one proxy on ``pairs`` (prompt, response) and save it atomically to ``out_dir``.
+
+    Runs in a Ray worker; deterministic given the seed (private torch RNG, seeded example draws).
+    Returns the metadata written to ``probe.json``.
+    """
+    import torch
+
+    from taskpgm_ray.config import ModelConfig, ProbeConfig, TinyModelConfig
+    from taskpgm_ray.models import build_model, collate, encode_example, load_tokenizer
+
+    if fail:
+        raise RuntimeError(f"injected failure for task {task_name!r} ({FAIL_ENV})")
+    pc = ProbeConfig(**probes)
+    mc = ModelConfig(**{**model, "tiny": TinyModelConfig(**model["tiny"])})
+    on_gpu = pc.num_gpus > 0 and torch.cuda.is_available()
+    device = "cuda" if on_gpu else "cpu"
+    t0 = time.perf_counter()
+    tok = load_tokenizer(tokenizer_path)
+    net = build_model(mc, tok, on_gpu=on_gpu)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(pc.seed)
+        if not pc.full_finetune:
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoraConfig(r=pc.lora_rank, lora_alpha=pc.lora_alpha, target_modules=list(pc.target_modules),
+                              lora_dropout=0.0, task_type="CAUSAL_LM")
+            net = get_peft_model(net, lora)
+        net.to(device).train()
+        opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=pc.lr)
+        rng = random.Random(f"{pc.seed}/{task_name}")
+        encoded = [encode_example(tok, p, r, mc.max_length) for p, r in pairs]
+        losses = []
+        for _ in range(pc.steps):
+            batch = collate([encoded[rng.randrange(len(encoded))] for _ in range(pc.batch_size)], tok.pad_token_id)
+            loss = net(**{k: v.to(device) for k, v in batch.items()}).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    meta = {"task": task_name, "steps": pc.steps, "final_loss": losses[-1] if losses else None,
+            "first_loss": losses[0] if losses else None, "seconds": time.perf_counter() - t0,
+            "kind": "full" if pc.full_finetune else "lora"}
+    # Write aside, then rename: a reader sees the whole adapter or nothing.
+    out = Path(out_dir)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        net.save_pretrained(str(tmp))
+        (tmp / "probe.json").write_text(json.dumps(meta, indent=2))
+        try:
+            os.replace(tmp, out)
+        except OSError:  # a concurrent run finished the same adapter first; theirs is identical
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+# --------------------------------------------------------------------------------------------------
+# the driver
+
+
+def _status_table(rows: dict[str, str]) -> Any:
+    from rich.table import Table
+
+    counts = {s: sum(v == s for v in rows.values()) for s in ("cached", "running", "done", "failed")}
+    table = Table(title="probes: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    table.add_column("task")
+    table.add_column("status")
+    colour = {"cached": "dim", "running": "yellow", "done": "green", "failed": "red"}
+    for name, status in rows.items():
+        table.add_row(name, f"[{colour[status]}]{status}[/]")
+    return table
+
+
+def probe_command(cfg: Config, *, tasks: list[TaskData] | None = None) -> dict:
+    """Train (or reuse) one proxy adapter per task; the ``taskpgm probe CONFIG`` stage.
+
+    Args:
+        cfg: the run config (``probes``, ``model``, ``output_dir``).
+        tasks: already loaded tasks (default: ``load_tasks(cfg)``).
+
+    Returns:
+        ``{"probes": {task: {"path", "hash", "status": "trained"|"cached", ...}}, "trained": [...],
+        "cached": [...], "seconds": float}``.
+
+    Raises:
+        ProbeError: naming every task whose probe still failed after ``probes.max_retries`` retries
+            (the finished adapters are kept).
+        ValueError: the probes ask for more CPUs/GPUs than the cluster has.
+    """
+    import ray
+    from rich.console import Console
+    from rich.live import Live
+
+    from taskpgm_ray.distributed.cluster import init_ray, require_resources
+    from taskpgm_ray.models import ensure_run_tokenizer
+    from taskpgm_ray.tasks import load_tasks
+
+    t0 = time.perf_counter()
+    tasks = load_tasks(cfg) if tasks is None else tasks
+    pc = cfg.probes
+    init_ray()
+    require_resources("a probe fine-tune (probes.num_cpus / probes.num_gpus)", cpus=pc.num_cpus, gpus=pc.num_gpus)
+    tok_path = str(ensure_run_tokenizer(cfg.model, cfg.output_dir).resolve())
+    (Path(cfg.output_dir) / "probes").mkdir(parents=True, exist_ok=True)
+    fail = set(filter(None, os.environ.get(FAIL_ENV, "").split(",")))
+    remote = ray.remote(train_probe).options(num_gpus=pc.num_gpus, num_cpus=pc.num_cpus,
+                                             max_retries=pc.max_retries, retry_exceptions=True)
+    out: dict[str, dict] = {}
+    status: dict[str, str] = {}
+    pending: dict[Any, TaskData] = {}
+    for t in tasks:
+        path = probe_dir(cfg, t).resolve()
+        out[t.name] = {"path": str(path), "hash": path.name.rsplit("-", 1)[1]}
+        if is_complete(path):
+            status[t.name] = "cached"
+            out[t.name].update(json.loads((path / "probe.json").read_text()), status="cached")
+            continue
+        pairs = [(ex.prompt, ex.response) for ex in t.train]
+        ref = remote.remote(t.name, pairs, asdict(pc), asdict(cfg.model), tok_path, str(path), t.name in fail)
+        pending[ref] = t
+        status[t.name] = "running"
+    failed: dict[str, str] = {}
+    console = Console(stderr=True)
+    with Live(_status_table(status), console=console, refresh_per_second=4, transient=False) as live:
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            t = pending.pop(ref)
+            try:
+                out[t.name].update(ray.get(ref), status="trained")
+                status[t.name] = "done"
+            except ray.exceptions.RayError as exc:
+                cause = getattr(exc, "cause", None) or exc
+                failed[t.name] = f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1][:300]}"
+                status[t.name] = "failed"
+            live.update(_status_table(status))
+    if failed:
+        raise ProbeError(failed, kept=sum(s in ("done", "cached") for s in status.values()),
+                         where=Path(cfg.output_dir) / "probes")
+    return {"probes": out, "trained": [n for n, s in status.items() if s == "done"],
+            "cached": [n for n, s in status.items() if s == "cached"], "seconds": time.perf_counter() - t0}

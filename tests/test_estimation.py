@@ -1,0 +1,233 @@
+"""Stages 3-5 on a real local Ray cluster with real (tiny) models: the likelihood matrix against a serial
+reference, an actor killed mid-run, an interrupted run resumed, a task added, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+
+from taskpgm_ray.config import TEST_CONFIG, config_from_dict
+from taskpgm_ray.distributed.estimation import (
+    EstimationActor,
+    EstimationError,
+    estimate_command,
+    make_shards,
+    resolve_proxies,
+    scoring_settings,
+)
+from taskpgm_ray.distributed.probes import probe_command, probe_dir
+from taskpgm_ray.tasks import load_tasks
+
+TASKS = ["reverse_a", "copy", "sort", "add"]  # probe sets of 12, 12, 4, 4 examples -> 3 + 3 + 1 + 1 shards
+
+
+def make_config(out, tasks=TASKS, **overrides):
+    data = yaml.safe_load(TEST_CONFIG.read_text())
+    base = {"output_dir": str(out), "synthetic.include": list(tasks), "probes.steps": 4, "probes.batch_size": 8,
+            "estimation.shard_size": 4, "estimation.batch_size": 3, "estimation.num_actors": 1,
+            "estimation.jsd_top_k": 8, "estimation.bootstrap": 10, "tracking.wandb": "disabled"}
+    return config_from_dict(data, overrides={**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    from taskpgm_ray.distributed.cluster import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def probed(ray_cluster, tmp_path_factory):
+    """A run directory with the four probe adapters trained."""
+    out = tmp_path_factory.mktemp("est") / "run"
+    probe_command(make_config(out))
+    return out
+
+
+def copy_run(src, dst):
+    """A fresh run directory sharing the probes (the synthetic data is regenerated identically)."""
+    dst.mkdir(parents=True)
+    shutil.copytree(src / "probes", dst / "probes")
+    shutil.copytree(src / "tokenizer", dst / "tokenizer")
+    return dst
+
+
+def serial_reference(cfg):
+    """A plain single-process computation: each adapter on the base model, one probe example at a time."""
+    import torch
+    from peft import PeftModel
+
+    from taskpgm_ray.mixture import pairwise_jsd_sum_topk
+    from taskpgm_ray.models import (
+        IGNORE_INDEX,
+        build_model,
+        collate,
+        encode_example,
+        load_tokenizer,
+        response_logprobs,
+    )
+
+    tasks = load_tasks(cfg)
+    tok = load_tokenizer(f"{cfg.output_dir}/tokenizer")
+    n, k = len(tasks), cfg.estimation.jsd_top_k
+    loglik = np.zeros((n, n))
+    idx, logp = [], []
+    for i, t in enumerate(tasks):
+        net = PeftModel.from_pretrained(build_model(cfg.model, tok), str(probe_dir(cfg, t))).eval()
+        ids_i, lp_i = [], []
+        with torch.inference_mode():
+            for j, task in enumerate(tasks):
+                for ex in task.probe:
+                    batch = collate([encode_example(tok, ex.prompt, ex.response, cfg.model.max_length)],
+                                    tok.pad_token_id)
+                    logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    loglik[i, j] += float(response_logprobs(logits, batch["labels"])[0])
+                    mask = batch["labels"][0, 1:] != IGNORE_INDEX
+                    v, ix = torch.log_softmax(logits[0, :-1][mask].float(), -1).topk(k, dim=-1)
+                    ids_i.append(ix.numpy())
+                    lp_i.append(v.numpy())
+        idx.append(np.concatenate(ids_i))
+        logp.append(np.concatenate(lp_i))
+    jsd = pairwise_jsd_sum_topk(np.stack(idx), np.stack(logp))
+    count = np.array([len(t.probe) for t in tasks])
+    return loglik, count, jsd, len(idx[0])
+
+
+def load_npz(path):
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="module")
+def full_run(probed):
+    """Estimate three tasks, then all four in the same run directory (the fourth is an added task)."""
+    first = estimate_command(make_config(probed, TASKS[:3]))
+    first_ll = load_npz(probed / "likelihoods.npz")["loglik_sum"]
+    second = estimate_command(make_config(probed, TASKS, **{"tracking.wandb": "offline"}))
+    return first, first_ll, second, load_npz(probed / "likelihoods.npz"), load_npz(probed / "jsd.npz")
+
+
+def test_matrix_matches_serial_reference_and_adding_a_task_scores_only_new_pairs(probed, full_run):
+    first, first_ll, second, lik, jsd = full_run
+    cfg3, cfg4 = make_config(probed, TASKS[:3]), make_config(probed)
+    shards3 = make_shards(load_tasks(cfg3), 4, scoring_settings(cfg3))
+    assert first["scored"] == len(shards3) == 7 and first["adapter_shard_scorings"] == 7 * 3
+    assert first["forwards"] == 7 * 2 * 3  # 7 shards of 4 examples = 2 batches (3 + 1), x 3 adapters
+    # the fourth task: its adapter on the 7 old shards, every adapter on its 1 new shard
+    assert second["shards_cached"] == 0 and second["scored"] == 8
+    assert second["adapter_shard_scorings"] == 7 * 1 + 1 * 4
+
+    assert list(lik["tasks"]) == TASKS and lik["loglik_sum"].dtype == np.float64
+    ref_ll, ref_count, ref_jsd, ref_tokens = serial_reference(cfg4)
+    np.testing.assert_allclose(lik["loglik_sum"], ref_ll, rtol=1e-6, atol=0)
+    np.testing.assert_array_equal(lik["count"], ref_count)
+    assert list(lik["sizes"]) == [len(t.train) for t in load_tasks(cfg4)]
+    np.testing.assert_array_equal(lik["loglik_sum"][:3, :3], first_ll)  # cached rows reused bit for bit
+
+    assert int(jsd["token_count"]) == ref_tokens
+    np.testing.assert_allclose(jsd["jsd_sum"], ref_jsd, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(jsd["jsd_sum_per_task"].sum(0), jsd["jsd_sum"], rtol=1e-12)
+
+    mixture = json.loads((probed / "mixture.json").read_text())
+    assert mixture["format"] == "taskpgm-mixture/1" and mixture["method"] == "taskpgm"
+    assert mixture["affinity"] == "pmi" and set(mixture["weights"]) == set(TASKS)
+    assert abs(sum(mixture["weights"].values()) - 1) < 1e-9 and min(mixture["weights"].values()) >= 0
+    assert {"beta", "lam", "kernel", "tau"} <= set(mixture["hyperparameters"]) and mixture["inputs_hash"]
+    progress = json.loads((probed / "estimate" / "progress.json").read_text())
+    assert progress["fraction_used"] == 1.0 and progress["trajectory"]
+    assert set(progress["bootstrap"]["low"]) == set(TASKS)
+    assert all(progress["bootstrap"]["low"][t] <= progress["bootstrap"]["high"][t] for t in TASKS)
+    assert (probed / "estimate" / "affinity.png").stat().st_size > 1000
+    assert list((probed / "wandb").glob("offline-run-*")), "no offline W&B run written"
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_and_a_killed_actor_changes_nothing(probed, full_run, tmp_path):
+    import ray
+
+    _, _, clean, clean_ll, clean_jsd = full_run  # the clean four-task run
+    clean_forwards = 8 * 2 * 4  # 8 shards x 2 batches x 4 adapters
+    run = copy_run(probed, tmp_path / "run")
+    cfg = make_config(run)
+
+    def stop_after_two(done, actors):
+        if done == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        estimate_command(cfg, on_result=stop_after_two)
+    done_keys = {p.stem for p in (run / "estimate" / "shards").glob("*.npz")}
+    assert len(done_keys) == 2 and not (run / "likelihoods.npz").exists()
+
+    killed = []
+
+    def kill_one(done, actors):
+        if done == 1:  # the other actor still has shards in flight: they must be re-queued
+            ray.kill(actors[1], no_restart=False)
+            killed.append(True)
+
+    cfg = make_config(run, **{"estimation.num_actors": 2})
+    resumed = estimate_command(cfg, on_result=kill_one)
+    assert killed and resumed["actor_failures"] >= 1 and resumed["requeued"] >= 1
+    assert resumed["shards_cached"] == 2 and resumed["scored"] == 8 - 2
+    per_shard = {s.key: 4 * 2 for s in make_shards(load_tasks(cfg), 4, scoring_settings(cfg))}
+    assert resumed["forwards"] == clean_forwards - sum(per_shard[k] for k in done_keys)
+    got = load_npz(run / "likelihoods.npz")
+    np.testing.assert_array_equal(got["loglik_sum"], clean_ll["loglik_sum"])
+    np.testing.assert_array_equal(got["count"], clean_ll["count"])
+    np.testing.assert_array_equal(load_npz(run / "jsd.npz")["jsd_sum"], clean_jsd["jsd_sum"])
+    again = estimate_command(cfg)
+    assert again["scored"] == 0 and again["shards_cached"] == 8
+
+
+def test_bad_input_messages(probed, tmp_path):
+    import dataclasses
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    cfg = make_config(probed)
+    tasks = load_tasks(cfg)
+    empty = [dataclasses.replace(tasks[0], probe=[])] + tasks[1:]
+    with pytest.raises(EstimationError, match=r"task\(s\) 'reverse_a' have no probe examples"):
+        estimate_command(cfg, tasks=empty)
+
+    bare = make_config(tmp_path / "bare")
+    with pytest.raises(EstimationError, match=r"no finished probe adapter for task\(s\) 'reverse_a' .*taskpgm probe"):
+        estimate_command(bare)
+
+    gpus = make_config(probed, **{"estimation.num_gpus_per_actor": 1})
+    with pytest.raises(ValueError, match=r"estimation .* needs 1 GPU\(s\) but the Ray cluster has 0"):
+        estimate_command(gpus)
+
+    broken = copy_run(probed, tmp_path / "broken")
+    cfg_b = make_config(broken)
+    weights = probe_dir(cfg_b, tasks[1]) / "adapter_model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(b"not a safetensors file")
+    proxies = resolve_proxies(cfg_b, tasks)
+    threads = torch.get_num_threads()
+    actor = EstimationActor(dataclasses.asdict(cfg_b.model), str(broken / "tokenizer"), proxies, 3, 8)
+    torch.set_num_threads(threads)
+    with pytest.raises(EstimationError, match=r"cannot load the adapter of task 'copy' from .*/copy-"):
+        actor.load()  # in-process: the same class the Ray actor runs
+
+    weights.write_bytes(good)
+    state = load_file(str(weights))
+    name = next(k for k in state if "lora_B" in k)
+    state[name] = torch.full_like(state[name], float("nan"))
+    save_file(state, str(weights))
+    with pytest.raises(EstimationError, match=r"non-finite log-likelihood nan for probe example '.+' \(task '.+'\) "
+                                              r"under the adapter of task 'copy'"):
+        estimate_command(cfg_b)

@@ -1,0 +1,104 @@
+"""The central optimiser and solve_from_sums without Ray or models: synthetic streams of shard sums."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from taskpgm_ray.config import EnergyConfig, StableConfig
+from taskpgm_ray.distributed.optimizer import MixtureOptimizer, ShardSums
+from taskpgm_ray.distributed.solve import affinity_from_sums, solve_from_sums
+from taskpgm_ray.mixture import energy_matrix, jsd_similarity, minimize_energy, pmi_affinity
+
+N, SHARDS_PER_TASK, SHARD = 4, 10, 8
+RULE = StableConfig(tol=0.01, patience=3, min_fraction=0.2)
+
+
+def mean_loglik(seed=0):
+    """A planted L: two near-duplicate tasks (0, 1), two distinct ones."""
+    rng = np.random.default_rng(seed)
+    L = -3.0 - rng.uniform(0, 0.5, (N, N))
+    L[[0, 1], [1, 0]] = -3.1
+    np.fill_diagonal(L, -2.0)
+    return L
+
+
+def stream(drift: float, seed=0):
+    """Round-robin shards; each shard's per-example mean is L plus noise (stable) or plus a growing
+    swing whose sign alternates (drift > 0: the running mean keeps moving)."""
+    L, rng = mean_loglik(seed), np.random.default_rng(seed + 1)
+    for r in range(SHARDS_PER_TASK):
+        for j in range(N):
+            means = L[:, j] + 0.001 * rng.standard_normal(N) + drift * (r + 1) * (-1) ** r * rng.uniform(0.5, 1, N)
+            yield ShardSums(j, means * SHARD, SHARD)
+
+
+def run(drift, stop=RULE):
+    opt = MixtureOptimizer(N, N * SHARDS_PER_TASK, EnergyConfig(), stop)
+    first_stable = None
+    for k, s in enumerate(stream(drift), start=1):
+        status = opt.add(s)
+        if status["stable"] and first_stable is None:
+            first_stable = k
+    return opt, first_stable
+
+
+def test_stops_on_a_stable_stream_only_after_every_column_and_patience():
+    opt, first = run(drift=0.0)
+    assert first is not None
+    # every column filled after N shards, then `patience` small changes, and at least min_fraction
+    assert first >= max(N + RULE.patience, int(np.ceil(RULE.min_fraction * N * SHARDS_PER_TASK)))
+    assert first <= 0.3 * N * SHARDS_PER_TASK
+    traj = opt.trajectory()
+    assert traj[0]["shards"] == N and traj[0]["l1_change"] is None
+    assert all(abs(sum(t["weights"]) - 1) < 1e-9 for t in traj)
+
+
+def test_does_not_stop_on_a_drifting_stream():
+    opt, first = run(drift=0.5)
+    assert first is None
+    changes = [t["l1_change"] for t in opt.trajectory()[1:]]
+    assert np.median(changes) > RULE.tol
+
+
+def test_no_rule_never_stops_and_bootstrap_bands_bracket_the_estimate():
+    opt, first = run(drift=0.0, stop=None)
+    assert first is None and opt.fraction() == 1.0
+    bands = opt.bootstrap(40, seed=0)
+    w = np.array(opt.status()["weights"])
+    lo, hi = np.array(bands["low"]), np.array(bands["high"])
+    assert np.all(lo <= hi) and np.all(lo - 1e-6 <= w) and np.all(w <= hi + 1e-6)
+    assert bands["unit"] == "shard within task" and bands["resamples"] == 40
+
+
+def test_solve_from_sums_is_the_mixture_pipeline_on_means():
+    L = mean_loglik()
+    count = np.array([5, 6, 7, 8])
+    e = EnergyConfig(beta=2.0, lam=1.0)
+    w, sol, S = solve_from_sums(L * count, count, None, None, e)
+    S_ref = energy_matrix(pmi_affinity(L), "psd", tau=e.tau, eps=e.eps)
+    np.testing.assert_allclose(S, S_ref)
+    np.testing.assert_allclose(w, minimize_energy(S_ref, beta=2.0, lam=1.0).weights, atol=1e-12)
+    assert sol.kkt_residual < 1e-8
+
+    jsd = np.full((N, N), 0.3)
+    np.fill_diagonal(jsd, 0.0)
+    A = affinity_from_sums(L, count, jsd * 100, 100, "jsd")
+    np.testing.assert_allclose(A, jsd_similarity(jsd, "linear"))
+    wj, _, _ = solve_from_sums(L, count, jsd * 100, 100, dataclasses.replace(e, affinity="jsd", kernel="exp"))
+    assert abs(wj.sum() - 1) < 1e-9
+
+    wb, solb, _ = solve_from_sums(L * count, count, None, None, dataclasses.replace(e, budget=2))
+    assert np.count_nonzero(wb) <= 2 and abs(wb.sum() - 1) < 1e-9 and len(solb.extra["selected"]) == 2
+
+
+def test_solve_from_sums_errors_name_the_problem():
+    L, count = mean_loglik(), np.array([5, 0, 7, 8])
+    with pytest.raises(ValueError, match=r"no probe examples scored for task column\(s\) \[1\]"):
+        solve_from_sums(L, count, None, None, EnergyConfig())
+    with pytest.raises(ValueError, match="needs JSD sums"):
+        solve_from_sums(L, np.ones(N), None, None, EnergyConfig(affinity="jsd"))
+    with pytest.raises(ValueError, match=r"needs a `utility` for every task; missing for task index\(es\) \[2\]"):
+        solve_from_sums(L, np.ones(N), None, None, EnergyConfig(unary="utility"), utilities=[1.0, 0.5, None, 0.2])

@@ -1,0 +1,72 @@
+"""Stage 2 on a real local Ray cluster: LoRA probes, the adapter cache, per-task failure reports."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import yaml
+
+from taskpgm_ray.config import TEST_CONFIG, config_from_dict
+from taskpgm_ray.distributed.probes import FAIL_ENV, ProbeError, is_complete, probe_command, probe_dir, probe_hash
+from taskpgm_ray.tasks import load_tasks
+
+TASKS = ["reverse_a", "sort", "add"]
+
+
+def make_config(out, **overrides):
+    data = yaml.safe_load(TEST_CONFIG.read_text())
+    base = {"output_dir": str(out), "synthetic.include": TASKS, "probes.steps": 3, "probes.batch_size": 8,
+            "probes.max_retries": 1, "tracking.wandb": "disabled"}
+    return config_from_dict(data, overrides={**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    from taskpgm_ray.distributed.cluster import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def test_probe_hash_covers_what_changes_the_adapter(tmp_path):
+    cfg = make_config(tmp_path)
+    task = load_tasks(cfg)[0]
+    h = probe_hash(task, cfg.probes, cfg.model)
+    assert h == probe_hash(task, dataclasses.replace(cfg.probes, num_cpus=2, num_gpus=0.5, max_retries=5), cfg.model)
+    assert h != probe_hash(task, dataclasses.replace(cfg.probes, steps=4), cfg.model)
+    assert h != probe_hash(task, cfg.probes, dataclasses.replace(cfg.model, max_length=64))
+    other = dataclasses.replace(task, train=task.train[1:])
+    assert h != probe_hash(other, cfg.probes, cfg.model)
+
+
+def test_failure_is_reported_per_task_then_only_missing_probes_train(ray_cluster, tmp_path, monkeypatch):
+    cfg = make_config(tmp_path)
+    tasks = load_tasks(cfg)
+    monkeypatch.setenv(FAIL_ENV, "sort")
+    with pytest.raises(ProbeError, match=r"failed for task\(s\) sort .*injected failure.*2 finished adapter") as err:
+        probe_command(cfg, tasks=tasks)
+    assert set(err.value.failed) == {"sort"}
+    done = {t.name: is_complete(probe_dir(cfg, t)) for t in tasks}
+    assert done == {"reverse_a": True, "sort": False, "add": True}
+    assert not [p for p in (tmp_path / "probes").iterdir() if p.name.startswith(".")], "temp dirs left behind"
+
+    monkeypatch.delenv(FAIL_ENV)
+    second = probe_command(cfg, tasks=tasks)
+    assert second["trained"] == ["sort"] and sorted(second["cached"]) == ["add", "reverse_a"]
+    meta = json.loads((probe_dir(cfg, tasks[1]) / "probe.json").read_text())
+    assert meta["task"] == "sort" and meta["kind"] == "lora" and meta["steps"] == 3
+    assert (probe_dir(cfg, tasks[1]) / "adapter_config.json").exists()
+
+    third = probe_command(cfg, tasks=tasks)
+    assert third["trained"] == [] and sorted(third["cached"]) == sorted(TASKS)
+
+
+def test_too_many_gpus_is_a_clear_error(ray_cluster, tmp_path):
+    cfg = make_config(tmp_path, **{"probes.num_gpus": 1})
+    with pytest.raises(ValueError, match=r"probe fine-tune .* needs 1 GPU\(s\) but the Ray cluster has 0"):
+        probe_command(cfg)
