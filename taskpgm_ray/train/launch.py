@@ -1,0 +1,151 @@
+"""Stage 6 on the driver: validate, build the ``TorchTrainer``, fit, save the final model and ``summary.json``.
+
+``build_trainer`` is the one piece Tune reuses unchanged: a Tune trial builds a trainer with
+``callbacks=[TuneReportCallback()]`` and calls ``.fit()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from taskpgm_ray.config import Config
+from taskpgm_ray.train.validation import read_mixture_weights, validate_mixture
+
+if TYPE_CHECKING:
+    from ray.train.torch import TorchTrainer
+
+    from taskpgm_ray.tasks import TaskData
+
+FAILURE_MARKER = ".injected-failure"  # under <run_dir>/train: the test hook fires once per run directory
+
+
+def build_trainer(cfg: Config, tasks: list[TaskData], weights: Mapping[str, float], *, run_dir: str | os.PathLike,
+                  name: str = "train", steps: int | None = None, num_workers: int | None = None,
+                  callbacks: Sequence[Any] = (), eval_split: str = "eval", sampler: str = "mixture",
+                  fail_at_step: int | None = None) -> TorchTrainer:
+    """A Ray Train ``TorchTrainer`` that fine-tunes ``cfg.model`` on the mixture ``weights``.
+
+    Args:
+        cfg: the run config (``cfg.train``, ``cfg.model``, ``cfg.tracking``).
+        tasks: the loaded tasks; every task needs a weight (0 leaves it out).
+        weights: task name -> weight (>= 0, summing to 1), in ``cfg.train.weight_unit``.
+        run_dir: where ``train/`` goes: Ray's storage (``train/ray/<name>``), audit logs; W&B under ``wandb/``.
+        name: Ray run name; with the fixed storage path, re-running the same name resumes from its last checkpoint.
+        steps, num_workers: override ``cfg.train.steps`` / ``cfg.train.num_workers`` (Tune's short trials).
+        callbacks: Ray Train callbacks, e.g. ``[ray.tune.integration.ray_train.TuneReportCallback()]``.
+        eval_split: ``"eval"`` or ``"probe"`` (the held-out split evaluated and reported).
+        sampler: ``"mixture"``, or ``"uniform"`` (every example equally likely; a benchmark baseline).
+        fail_at_step: test hook: the last rank raises once after this step (recovery through FailureConfig).
+
+    Raises:
+        ValueError: a bad mixture or train config (one line, naming the task or field), before any worker starts.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from taskpgm_ray.distributed.cluster import worker_env
+    from taskpgm_ray.models import ensure_run_tokenizer
+    from taskpgm_ray.train.deepspeed_config import deepspeed_config
+    from taskpgm_ray.train.recipe import train_loop_per_worker
+
+    if eval_split not in ("eval", "probe"):
+        raise ValueError(f"eval_split: must be 'eval' or 'probe', got {eval_split!r}")
+    if sampler not in ("mixture", "uniform"):
+        raise ValueError(f"sampler: must be 'mixture' or 'uniform', got {sampler!r}")
+    tc = dataclasses.replace(cfg.train, steps=steps or cfg.train.steps,
+                             num_workers=num_workers or cfg.train.num_workers)
+    cfg = dataclasses.replace(cfg, train=tc)
+    ordered = validate_mixture(weights, tasks, cfg)
+    run_dir = Path(run_dir).resolve()
+    loop_config = {
+        "name": name,
+        "train": tc,
+        "model": cfg.model,
+        "tracking": cfg.tracking,
+        "ds_config": deepspeed_config(tc, world_size=tc.num_workers, on_gpu=tc.use_gpu),
+        "tokenizer_path": str(ensure_run_tokenizer(cfg.model, cfg.output_dir).resolve()),
+        "tasks": [{"name": t.name,
+                   "train": [(ex.id, ex.prompt, ex.response) for ex in t.train],
+                   "eval": [(ex.id, ex.prompt, ex.response) for ex in getattr(t, eval_split)]} for t in tasks],
+        "weights": [ordered[t.name] for t in tasks],
+        "eval_split": eval_split,
+        "run_dir": str(run_dir),
+        "sampler": sampler,
+        "fail_at_step": fail_at_step,
+        "fail_marker": str(run_dir / "train" / FAILURE_MARKER),
+    }
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(run_dir / "train" / "ray"),
+            failure_config=FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks),
+            worker_runtime_env={"env_vars": worker_env()},
+        ),
+    )
+
+
+def run_training(cfg: Config, tasks: list[TaskData], weights: Mapping[str, float], *,
+                 run_dir: str | os.PathLike | None = None, **trainer_kwargs: Any) -> dict[str, Any]:
+    """Validate, start Ray, fit, then write ``train/checkpoint/`` (model + tokenizer) and ``train/summary.json``.
+
+    ``trainer_kwargs`` go to :func:`build_trainer`. Returns the summary.
+    """
+    from taskpgm_ray.distributed.cluster import init_ray, require_resources
+    from taskpgm_ray.io import atomic_write_json
+    from taskpgm_ray.train.recipe import HF_MODEL_DIR
+
+    run_dir = Path(run_dir or cfg.output_dir).resolve()
+    tc = dataclasses.replace(cfg.train, steps=trainer_kwargs.get("steps") or cfg.train.steps,
+                             num_workers=trainer_kwargs.get("num_workers") or cfg.train.num_workers)
+    validate_mixture(weights, tasks, dataclasses.replace(cfg, train=tc))  # before any worker starts
+    init_ray()
+    require_resources("train", cpus=tc.num_workers * tc.cpus_per_worker, gpus=tc.num_workers if tc.use_gpu else 0)
+    result = build_trainer(cfg, tasks, weights, run_dir=run_dir, **trainer_kwargs).fit()
+    summary = result.return_value
+    if summary is None or result.checkpoint is None:
+        raise RuntimeError(f"training in {run_dir / 'train' / 'ray'} finished without a summary or checkpoint")
+    with result.checkpoint.as_directory() as d:
+        _install_final_model(Path(d) / HF_MODEL_DIR, run_dir / "train" / "checkpoint", cfg)
+    summary["checkpoint"] = "checkpoint"
+    atomic_write_json(run_dir / "train" / "summary.json", summary)
+    return summary
+
+
+def train_command(cfg: Config, mixture_path: str | os.PathLike) -> dict[str, Any]:
+    """``taskpgm train CONFIG --mixture M.json``: load tasks, read and check the mixture, train; the summary."""
+    from taskpgm_ray.models import ensure_run_tokenizer
+    from taskpgm_ray.tasks import load_tasks
+
+    tasks = load_tasks(cfg)
+    weights = read_mixture_weights(mixture_path)
+    validate_mixture(weights, tasks, cfg)
+    ensure_run_tokenizer(cfg.model, cfg.output_dir)
+    return run_training(cfg, tasks, weights, run_dir=cfg.output_dir)
+
+
+def _install_final_model(source: Path, target: Path, cfg: Config) -> None:
+    """Copy the saved model and the run tokenizer to ``target`` atomically (a temp dir, then renames)."""
+    from taskpgm_ray.models import ensure_run_tokenizer, load_tokenizer
+
+    if not source.is_dir():
+        raise RuntimeError(f"the final checkpoint has no {source.name}/ directory")
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    load_tokenizer(ensure_run_tokenizer(cfg.model, cfg.output_dir)).save_pretrained(str(tmp))
+    old = target.with_name(f".{target.name}.old{os.getpid()}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)

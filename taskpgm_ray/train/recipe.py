@@ -1,0 +1,427 @@
+"""Stage 6 on every Ray Train worker: the mixture fine-tune recipe, ``setup -> train -> cleanup``.
+
+Everything a worker needs arrives in ``train_loop_config`` (built by ``launch.build_trainer``): the train,
+model and tracking configs, the DeepSpeed config, the tokenizer path, the tasks and the mixture weights.
+
+The Ray and DeepSpeed touch points, numbered as in the code:
+  [1] ``ray.train.get_context()``      rank and world size
+  [2] ``deepspeed.initialize``          wraps model, torch AdamW and LR schedule (Ray already made the process group)
+  [3] ``ray.train.get_checkpoint``      + ``engine.load_checkpoint``: resume after a failure or a re-run
+  [4] ``engine.backward / engine.step`` gradient accumulation, clipping, ZeRO partitioning
+  [5] ``engine.save_checkpoint``        + ``ray.train.report(checkpoint=...)``: Ray merges every rank's shards
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from taskpgm_ray.models import IGNORE_INDEX, build_model, collate, encode_example, load_tokenizer
+from taskpgm_ray.train.deepspeed_config import lr_multiplier
+from taskpgm_ray.train.sampler import MixtureSampler, UniformSampler
+
+DS_TAG = "deepspeed"          # DeepSpeed's checkpoint tag inside a Ray checkpoint directory
+STATE_FILE = "train_state.json"  # step, sampler state, counters, history (written by rank 0)
+HF_MODEL_DIR = "hf_model"     # the final model (save_pretrained), in the last checkpoint only
+MAX_NEW_TOKENS = 32           # cap on greedy decoding for exact match: answers are short
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The Ray Train entry point; rank 0 returns the run summary (``Result.return_value``)."""
+    recipe = MixtureFinetune(config)
+    try:
+        recipe.setup()
+        return recipe.train()
+    finally:
+        recipe.cleanup()
+
+
+class MixtureFinetune:
+    """Fine-tune a causal LM on a task mixture with DeepSpeed, on one Ray Train worker."""
+
+    def __init__(self, config: dict[str, Any]):
+        import ray.train
+
+        self.config = config
+        self.tc = config["train"]                      # TrainConfig (steps already overridden)
+        self.task_names: list[str] = [t["name"] for t in config["tasks"]]
+        ctx = ray.train.get_context()                  # [1]
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.is_rank_zero = self.rank == 0
+        self.device = torch.device("cpu")
+        self.step = 0                                  # optimizer steps done
+        self.tokens_per_task = np.zeros(len(self.task_names), dtype=np.int64)
+        self.loss_curve: list[float] = []              # mean training loss of every step (all ranks)
+        self.history: list[dict[str, Any]] = []        # one row per evaluation
+        self.last_eval: dict[str, Any] = {}
+        self.train_seconds, self.tokens_seen, self.examples_seen = 0.0, 0, 0  # this attempt only
+        self._exit = contextlib.ExitStack()
+        self._audit = None                             # open audit log (or None)
+        self._audit_ids: list[str] = []                # this step's sample ids on this rank
+        self.wandb = None
+
+    # ----------------------------------------------------------------------------------------------
+    # setup
+
+    def setup(self) -> None:
+        t0 = time.perf_counter()
+        self._setup_data()
+        self._setup_sampler()
+        t1 = time.perf_counter()
+        self._setup_engine()
+        t2 = time.perf_counter()
+        self._resume_from_checkpoint()
+        self._setup_audit()
+        self._setup_tracking()
+        if self.is_rank_zero:
+            print(f"setup: data {t1 - t0:.1f}s, engine {t2 - t1:.1f}s, resume+tracking {time.perf_counter() - t2:.1f}s",
+                  flush=True)
+
+    def _setup_data(self) -> None:
+        """Tokenize every training and eval example once (the same on every rank: tokenizing is deterministic)."""
+        self.tokenizer = load_tokenizer(self.config["tokenizer_path"])
+        max_length = self.config["model"].max_length
+        self.train_ids: list[list[str]] = []
+        self.train_encoded: list[list[tuple[list[int], list[int]]]] = []
+        for task in self.config["tasks"]:
+            self.train_ids.append([ex_id for ex_id, _, _ in task["train"]])
+            self.train_encoded.append([encode_example(self.tokenizer, p, r, max_length) for _, p, r in task["train"]])
+        lengths = [np.array([len(ids) for ids, _ in enc], dtype=np.int64) for enc in self.train_encoded]
+        self.mean_tokens = np.array([x.mean() if len(x) else 0.0 for x in lengths])
+        self.task_offsets = np.concatenate([[0], np.cumsum([len(x) for x in lengths])]).astype(np.int64)
+        self.flat_lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+        self.eval_sets = [[(encode_example(self.tokenizer, p, r, max_length), r) for _, p, r in task["eval"]]
+                          for task in self.config["tasks"]]
+
+    def _setup_sampler(self) -> None:
+        sizes = [len(enc) for enc in self.train_encoded]
+        if self.config.get("sampler", "mixture") == "uniform":  # the benchmark's unweighted baseline
+            self.sampler = UniformSampler(self.task_names, sizes, seed=self.tc.seed)
+        else:
+            self.sampler = MixtureSampler(self.task_names, sizes, self.config["weights"], seed=self.tc.seed,
+                                          unit=self.tc.weight_unit, mean_tokens=self.mean_tokens,
+                                          repetition_cap=self.tc.repetition_cap)
+        self.global_micro_batch = self.tc.micro_batch_size * self.world_size
+        if self.is_rank_zero:
+            print(self.sampler.describe(), flush=True)
+
+    def _setup_engine(self) -> None:
+        import deepspeed
+
+        if self.tc.use_gpu:
+            import ray.train.torch
+
+            self.device = ray.train.torch.get_device()
+        else:
+            # CPU: skip DeepSpeed's shared-memory comm op (a JIT compile); Ray's gloo group does the collectives.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        torch.manual_seed(self.tc.seed)
+        model = build_model(self.config["model"], self.tokenizer, on_gpu=self.tc.use_gpu)
+        optimizer = (torch.optim.AdamW(model.parameters(), lr=self.tc.lr, weight_decay=self.tc.weight_decay)
+                     if self.tc.torch_optimizer else None)
+        schedule = functools.partial(lr_multiplier, warmup_steps=self.tc.warmup_steps, total_steps=self.tc.steps)
+        self.engine, _, _, _ = deepspeed.initialize(  # [2]
+            model=model,
+            optimizer=optimizer,
+            model_parameters=None if optimizer is not None else model.parameters(),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+            config=self.config["ds_config"],
+            dist_init_required=False,
+        )
+
+    def _resume_from_checkpoint(self) -> None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()  # [3]
+        if checkpoint is None:
+            return
+        with checkpoint.as_directory() as d:
+            self.engine.load_checkpoint(d, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+            state = json.loads((Path(d) / STATE_FILE).read_text())
+            rng_file = Path(d) / f"rng-rank{self.rank}.pt"
+            if rng_file.exists():
+                _set_rng_state(torch.load(rng_file, weights_only=False))
+        self.step = state["step"]
+        self.sampler.load_state_dict(state["sampler"])
+        self.tokens_per_task = np.asarray(state["tokens_per_task"], dtype=np.int64)
+        self.loss_curve, self.history = state["loss_curve"], state["history"]
+        self.last_eval = self.history[-1] if self.history else {}
+        if self.is_rank_zero:
+            print(f"resumed at step {self.step} ({self.sampler.draws} draws)", flush=True)
+
+    def _setup_audit(self) -> None:
+        """Every drawn sample id to ``train/samples-rank<r>.jsonl``; a resume drops lines after the checkpoint."""
+        if not self.tc.audit_samples:
+            return
+        path = Path(self.config["run_dir"]) / "train" / f"samples-rank{self.rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if self.step > 0 and path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+        path.write_text("".join(line + "\n" for line in kept))
+        self._audit = self._exit.enter_context(path.open("a"))
+
+    def _setup_tracking(self) -> None:
+        """W&B on rank 0 only (RAY_NOTES: setup_wandb(rank_zero_only=True) is not enough under Train V2)."""
+        tracking = self.config["tracking"]
+        if not self.is_rank_zero or tracking.wandb == "disabled":
+            return
+        import wandb
+
+        from taskpgm_ray.tracking import wandb_run
+
+        self.wandb = self._exit.enter_context(wandb_run(
+            tracking, self.config["run_dir"], job_type="train", name=self.config.get("name"),
+            config={"train": vars(self.tc), "world_size": self.world_size,
+                    "weights": dict(zip(self.task_names, self.config["weights"]))}))
+        table = wandb.Table(columns=["task", "weight"],
+                            data=[[n, float(w)] for n, w in zip(self.task_names, self.config["weights"])])
+        self.wandb.log({"mixture": wandb.plot.bar(table, "task", "weight", title="mixture weights")}, step=self.step)
+
+    # ----------------------------------------------------------------------------------------------
+    # train
+
+    def train(self) -> dict[str, Any] | None:
+        steps, reported_final = self.tc.steps, False
+        self.engine.train()
+        while self.step < steps:
+            t0 = time.perf_counter()
+            loss = self._train_step()
+            self.train_seconds += time.perf_counter() - t0
+            self.step += 1
+            self.loss_curve.append(loss)
+            self._maybe_inject_failure()
+
+            # Log, evaluate, checkpoint.
+            lr = self.engine.get_lr()[0]
+            if self.wandb is not None:
+                self.wandb.log({"train/loss": loss, "train/lr": lr, **self._throughput("train/")}, step=self.step)
+            is_last = self.step == steps
+            eval_now = is_last or _every(self.step, self.tc.eval_every)
+            checkpoint_now = is_last or _every(self.step, self.tc.checkpoint_every)
+            if eval_now or checkpoint_now:  # every report carries a fresh evaluation (Tune's metric)
+                self._evaluate_and_report(loss, lr, checkpoint=checkpoint_now, final=is_last)
+                reported_final = is_last
+        if not reported_final:  # resumed from the final checkpoint: report it again so the driver gets the model
+            self._evaluate_and_report(self.loss_curve[-1] if self.loss_curve else float("nan"),
+                                      self.engine.get_lr()[0], checkpoint=True, final=True)
+        return self._summary() if self.is_rank_zero else None
+
+    def _train_step(self) -> float:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss over all ranks."""
+        losses = []
+        for _ in range(self.tc.grad_accum):
+            # The global stream of draws is the same on every rank; draw g belongs to rank g % world_size.
+            tasks, examples = self.sampler.draw(self.global_micro_batch)
+            lengths = self.flat_lengths[self.task_offsets[tasks] + examples]
+            self.tokens_per_task += np.bincount(tasks, weights=lengths, minlength=len(self.task_names)).astype(np.int64)
+            self.tokens_seen += int(lengths.sum())
+            self.examples_seen += len(tasks)
+            mine = slice(self.rank, None, self.world_size)
+            if self._audit is not None:
+                self._audit_ids.extend(self.train_ids[t][i] for t, i in zip(tasks[mine], examples[mine]))
+            batch = collate([self.train_encoded[t][i] for t, i in zip(tasks[mine], examples[mine])],
+                            self.tokenizer.pad_token_id)
+            batch = {k: v.to(self.device) for k, v in batch.items()}  # (B, T) each
+
+            loss = self.engine(**batch).loss  # mean NLL over this micro-batch's response tokens
+            self.engine.backward(loss)        # [4] scales by 1/grad_accum, reduces gradients across ranks
+            self.engine.step()                # [4] optimizer + LR step at the accumulation boundary only
+            losses.append(loss.detach().float())
+        if self._audit is not None:
+            self._audit.write(json.dumps({"step": self.step + 1, "ids": self._audit_ids}) + "\n")
+            self._audit_ids = []
+        mean = torch.stack(losses).mean().to(self.device)
+        if dist.is_initialized():
+            dist.all_reduce(mean)
+            mean /= self.world_size
+        return float(mean)
+
+    def _maybe_inject_failure(self) -> None:
+        """Test hook: raise once (a marker file remembers) on the last rank after step ``fail_at_step``."""
+        fail_at, marker = self.config.get("fail_at_step"), self.config.get("fail_marker")
+        if fail_at is None or self.step != fail_at or self.rank != self.world_size - 1:
+            return
+        if marker and not Path(marker).exists():
+            Path(marker).parent.mkdir(parents=True, exist_ok=True)
+            Path(marker).write_text(f"failed at step {self.step}\n")
+            raise RuntimeError(f"injected failure at step {self.step} on rank {self.rank}")
+
+    def _throughput(self, prefix: str = "") -> dict[str, float]:
+        secs = max(self.train_seconds, 1e-9)
+        return {f"{prefix}tokens_per_s": self.tokens_seen / secs, f"{prefix}examples_per_s": self.examples_seen / secs}
+
+    # ----------------------------------------------------------------------------------------------
+    # evaluate, checkpoint, report
+
+    def _evaluate_and_report(self, loss: float, lr: float, *, checkpoint: bool, final: bool) -> None:
+        t0 = time.perf_counter()
+        result = evaluate_model(self.engine.module, self.tokenizer, self.eval_sets, self.task_names,
+                                rank=self.rank, world_size=self.world_size, device=self.device,
+                                batch_size=max(8, 2 * self.tc.micro_batch_size),
+                                synced=self.tc.zero_stage == 3 and self.world_size > 1)
+        self.engine.train()
+        self.last_eval = {"step": self.step, "loss": loss, **result}
+        self.history.append(self.last_eval)
+        metrics = {"step": self.step, "loss": loss, "lr": lr, "eval_loss_mean": result["eval_loss_mean"],
+                   "eval_accuracy_mean": result["eval_accuracy_mean"], **self._throughput()}
+        for name in self.task_names:
+            metrics[f"eval_loss/{name}"] = result["eval_loss_per_task"][name]
+            metrics[f"eval_accuracy/{name}"] = result["eval_accuracy_per_task"][name]
+        if self.wandb is not None:
+            self.wandb.log({("eval/" + k if k.startswith("eval_") else k): v for k, v in metrics.items()
+                            if k.startswith("eval")}, step=self.step)
+        if self.is_rank_zero:
+            print(f"step {self.step}: loss {loss:.4f}, eval loss {result['eval_loss_mean']:.4f}, "
+                  f"eval accuracy {result['eval_accuracy_mean']:.3f} ({time.perf_counter() - t0:.1f}s); "
+                  f"{self.train_seconds:.1f}s training so far", flush=True)
+        if self._audit is not None:
+            self._audit.flush()
+        self._report(metrics, checkpoint=checkpoint, final=final)
+
+    def _report(self, metrics: dict[str, Any], *, checkpoint: bool, final: bool) -> None:
+        import ray.train
+
+        if not checkpoint:
+            ray.train.report(metrics)
+            return
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="taskpgm-ckpt-") as d:
+            self.engine.save_checkpoint(d, tag=DS_TAG)  # [5] every rank writes its own shards
+            torch.save(_get_rng_state(), Path(d) / f"rng-rank{self.rank}.pt")
+            if self.is_rank_zero:
+                state = {"step": self.step, "sampler": self.sampler.state_dict(),
+                         "tokens_per_task": self.tokens_per_task.tolist(), "loss_curve": self.loss_curve,
+                         "history": self.history}
+                (Path(d) / STATE_FILE).write_text(json.dumps(state))
+            if final:
+                self._save_pretrained(Path(d) / HF_MODEL_DIR)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))  # [5]
+        if self.is_rank_zero:
+            print(f"checkpoint at step {self.step}: {time.perf_counter() - t0:.1f}s", flush=True)
+
+    def _save_pretrained(self, path: Path) -> None:
+        """The whole model on rank 0 (gathered from every rank's partition under ZeRO-3), via save_pretrained."""
+        if self.tc.zero_stage == 3:
+            state_dict = self.engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
+        else:
+            state_dict = self.engine.module.state_dict() if self.is_rank_zero else None
+        if self.is_rank_zero:
+            self.engine.module.save_pretrained(str(path), state_dict=state_dict)
+
+    def _summary(self) -> dict[str, Any]:
+        ev = self.last_eval
+        return {
+            "format": "taskpgm-train/1",
+            "steps": self.step,
+            "weight_unit": self.tc.weight_unit,
+            "weights": dict(zip(self.task_names, map(float, self.config["weights"]))),
+            "draw_probabilities": dict(zip(self.task_names, map(float, self.sampler.probabilities))),
+            "samples_per_task": self.sampler.samples_per_task(),
+            "tokens_per_task": dict(zip(self.task_names, map(int, self.tokens_per_task))),
+            "eval_split": self.config.get("eval_split", "eval"),
+            "eval_loss_per_task": ev.get("eval_loss_per_task", {}),
+            "eval_accuracy_per_task": ev.get("eval_accuracy_per_task", {}),
+            "eval_loss_mean": ev.get("eval_loss_mean"),
+            "eval_accuracy_mean": ev.get("eval_accuracy_mean"),
+            "throughput": {**self._throughput(), "train_seconds": self.train_seconds},
+            "removed_tasks": self.sampler.removed_tasks(),
+            "sampler_events": self.sampler.events,
+            "world_size": self.world_size,
+            "zero_stage": self.tc.zero_stage,
+            "loss_curve": self.loss_curve,
+            "history": self.history,
+        }
+
+    def cleanup(self) -> None:
+        self._exit.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluation (also used on a reloaded model, with world_size 1)
+
+
+@torch.no_grad()
+def evaluate_model(model: Any, tokenizer: Any, eval_sets: list[list[tuple[tuple[list[int], list[int]], str]]],
+                   task_names: list[str], *, rank: int = 0, world_size: int = 1, device: Any = "cpu",
+                   batch_size: int = 16, synced: bool = False) -> dict[str, Any]:
+    """Per-task mean token NLL of the responses, and exact-match accuracy of greedy decoding.
+
+    Examples are sharded across ranks (rank r takes every world_size-th) and padded so every rank runs the
+    same number of forward passes, as ZeRO-3 needs; ``synced`` keeps greedy decoding in lock-step
+    (``generate(synced_gpus=True)``). Sums are all-reduced, so every rank returns the same result.
+
+    ``eval_sets[i]`` is task i's list of ``((ids, labels), response_text)``.
+    """
+    was_training = model.training
+    model.eval()
+    items = [(ti, enc, resp) for ti, es in enumerate(eval_sets) for enc, resp in es]
+    mine = items[rank::world_size]
+    per_rank = -(-len(items) // world_size)
+    weights = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))  # padding rows count for nothing
+    mine = mine + [items[0]] * (per_rank - len(mine))
+    # Greedy decoding budget: the longest eval response (+ EOS), capped; the same on every rank.
+    max_new = min(MAX_NEW_TOKENS, max((sum(1 for x in lab if x != IGNORE_INDEX) for _, (_, lab), _ in items),
+                                      default=1))
+    sums = torch.zeros(len(task_names), 4, dtype=torch.float64)  # nll sum, response tokens, correct, examples
+    pad = tokenizer.pad_token_id
+    for start in range(0, per_rank, batch_size):
+        chunk, w = mine[start: start + batch_size], weights[start: start + batch_size]
+        # 1. loss: right-padded teacher forcing
+        batch = {k: v.to(device) for k, v in collate([enc for _, enc, _ in chunk], pad).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE_INDEX
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        nll = -(logp * mask).sum(1).double().cpu()
+        ntok = mask.sum(1).double().cpu()
+        # 2. exact match: greedy decoding from the left-padded prompts
+        prompts = [[t for t, lab in zip(ids, labs) if lab == IGNORE_INDEX] for _, (ids, labs), _ in chunk]
+        width = max(len(p) for p in prompts)
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new, do_sample=False,
+                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, synced_gpus=synced)
+        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        for j, (ti, _, resp) in enumerate(chunk):
+            correct = float(texts[j].strip() == resp.strip())
+            sums[ti] += torch.tensor([nll[j] * w[j], ntok[j] * w[j], correct * w[j], w[j]], dtype=torch.float64)
+    if world_size > 1 and dist.is_initialized():
+        reduced = sums.to(device)
+        dist.all_reduce(reduced)
+        sums = reduced.cpu()
+    if was_training:
+        model.train()
+    loss = {n: float(sums[i, 0] / max(sums[i, 1], 1.0)) for i, n in enumerate(task_names)}
+    acc = {n: float(sums[i, 2] / max(sums[i, 3], 1.0)) for i, n in enumerate(task_names)}
+    return {"eval_loss_per_task": loss, "eval_accuracy_per_task": acc,
+            "eval_loss_mean": float(np.mean(list(loss.values()))) if loss else float("nan"),
+            "eval_accuracy_mean": float(np.mean(list(acc.values()))) if acc else float("nan")}
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _every(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def _get_rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
