@@ -94,13 +94,13 @@ def plot_losses(summary: dict, path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = summary.get("loss_history") or []
-    evals = summary.get("eval_history") or []
+    train = summary.get("loss_curve") or []  # mean training loss of steps 1..n
+    evals = summary.get("history") or []  # one row per evaluation
     if not train and not evals:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.4))
     if train:
-        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", alpha=0.8)
+        ax.plot(range(1, len(train) + 1), train, label="train loss", alpha=0.8)
     if evals:
         ax.plot([r["step"] for r in evals], [r["eval_loss_mean"] for r in evals], "o-", label="validation loss (mean)")
     ax.set_xlabel("step")
