@@ -31,8 +31,24 @@ def init_ray(*, num_cpus: int | None = None, num_gpus: int | None = None) -> Non
     if address:  # a submitted job: its runtime env (launch/submit.sh) already carries the environment
         ray.init(address=address, log_to_driver=True)
     else:
+        # RAY_NOTES: keeps a single-node cluster on 127.0.0.1 instead of the machine's interface address.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, dashboard_host="127.0.0.1", log_to_driver=True,
-                 runtime_env={"env_vars": worker_env()})
+                 runtime_env={"env_vars": worker_env(),
+                              "worker_process_setup_hook": "taskpgm_ray.distributed.cluster.pin_cluster_address"})
+        os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+
+
+def pin_cluster_address() -> None:
+    """Worker setup hook: point in-cluster State API calls at this cluster.
+
+    Without it, Ray Train 2.60's placement-group cleaner looks the cluster up by scanning the machine, fails
+    when a second Ray instance runs there ("Found multiple active Ray instances"), and leaks each run's
+    placement group: later Tune trials and the final fine-tune then wait forever for CPUs.
+    """
+    import ray
+
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
 def cluster_resources() -> dict[str, float]:
