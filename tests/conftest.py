@@ -19,6 +19,18 @@ import yaml  # noqa: E402
 from taskpgm_ray.config import TEST_CONFIG  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local 2-CPU Ray cluster for one test module (token auth on, dashboard on 127.0.0.1)."""
+    import ray
+
+    from taskpgm_ray.distributed.cluster import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def suite_dir(tmp_path_factory) -> Path:
     """The full synthetic suite (seed 7), written once per session."""

@@ -34,17 +34,6 @@ def make_config(out, tasks=TASKS, **overrides):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    from taskpgm_ray.distributed.cluster import init_ray
-
-    init_ray(num_cpus=2)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def probed(ray_cluster, tmp_path_factory):
     """A run directory with the four probe adapters trained."""
     out = tmp_path_factory.mktemp("est") / "run"

@@ -19,17 +19,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    from taskpgm_ray.distributed.cluster import init_ray
-
-    init_ray(num_cpus=2)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, ray_cluster) -> Path:
     """A test-mode run interrupted in its training stage, then resumed: the module's shared run directory."""
     import yaml

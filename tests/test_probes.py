@@ -22,17 +22,6 @@ def make_config(out, **overrides):
     return config_from_dict(data, overrides={**base, **overrides})
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    from taskpgm_ray.distributed.cluster import init_ray
-
-    init_ray(num_cpus=2)
-    yield
-    ray.shutdown()
-
-
 def test_probe_hash_covers_what_changes_the_adapter(tmp_path):
     cfg = make_config(tmp_path)
     task = load_tasks(cfg)[0]

@@ -110,17 +110,6 @@ WEIGHTS = {"reverse_a": 0.3, "reverse_b": 0.05, "copy": 0.35, "noise_a": 0.1, "s
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    from taskpgm_ray.distributed.cluster import init_ray
-
-    init_ray(num_cpus=2)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """The test-mode config (8 steps, evaluate and checkpoint every 4, audit on) and its loaded tasks."""
     from taskpgm_ray.tasks import load_tasks

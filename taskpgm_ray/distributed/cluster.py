@@ -36,7 +36,6 @@ def init_ray(*, num_cpus: int | None = None, num_gpus: int | None = None) -> Non
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, dashboard_host="127.0.0.1", log_to_driver=True,
                  runtime_env={"env_vars": worker_env(),
                               "worker_process_setup_hook": "taskpgm_ray.distributed.cluster.pin_cluster_address"})
-        os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
 def pin_cluster_address() -> None:
