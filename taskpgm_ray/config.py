@@ -217,6 +217,7 @@ class TuneConfig:
     budgets: list[int] | None = doc("budgets k searched (null: no budget)", None)
     trial_steps: int = doc("training steps per trial", 60)
     trial_workers: int = doc("Ray Train workers per trial", 1)
+    trial_evals: int = doc("validation evaluations per trial: the rungs at which ASHA may stop a trial", 3)
     trial_cpus_per_worker: float = doc(
         "CPUs per Train worker in a trial (below 1 lets two 1-worker trials share 2 CPUs)", 1.0)
     asha_grace: int = doc("ASHA grace period in evaluations", 1)
@@ -448,6 +449,8 @@ def _check(cfg: Config, problems: list[str]) -> None:
     tu = cfg.tune
     if len(tu.ratio_range) != 2 or not (0 < tu.ratio_range[0] <= tu.ratio_range[1]):
         problems.append(f"tune.ratio_range: must be [low, high] with 0 < low <= high, got {tu.ratio_range}")
+    if isinstance(tu.trial_evals, int) and not 1 <= tu.trial_evals <= max(1, tu.trial_steps):
+        problems.append(f"tune.trial_evals: must be between 1 and tune.trial_steps, got {tu.trial_evals}")
     for i, a in enumerate(tu.affinities):
         if a not in ("pmi", "jsd"):
             problems.append(f"tune.affinities[{i}]: must be 'pmi' or 'jsd', got {a!r}")

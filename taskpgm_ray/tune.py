@@ -102,7 +102,10 @@ def _trial(params: dict[str, Any], *, cfg: Config, tasks: list[TaskData], sums: 
     from taskpgm_ray.train import build_trainer
 
     weights, _ = trial_weights(params, sums, cfg, tasks)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, cpus_per_worker=cfg.tune.trial_cpus_per_worker))
+    # A trial evaluates `trial_evals` times (ASHA's rungs) and keeps no intermediate checkpoints.
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, cpus_per_worker=cfg.tune.trial_cpus_per_worker, checkpoint_every=0,
+        eval_every=max(1, cfg.tune.trial_steps // cfg.tune.trial_evals)))
     trial_dir = Path(run_dir) / "tune" / "trials" / tune.get_context().get_trial_id()
     trainer = build_trainer(cfg, tasks, weights, run_dir=str(trial_dir), name="train",
                             steps=cfg.tune.trial_steps, num_workers=cfg.tune.trial_workers,
@@ -151,7 +154,7 @@ def run_tune(cfg: Config, tasks: list[TaskData], sums: dict[str, Any], *, resume
     else:  # RAY_NOTES: with a search algorithm, cap concurrency on it; max_concurrent_trials is ignored
         searcher = BasicVariantGenerator(points_to_evaluate=points or None, max_concurrent=concurrent,
                                          random_state=cfg.train.seed)
-    evals = max(1, cfg.tune.trial_steps // max(1, cfg.train.eval_every or cfg.tune.trial_steps))
+    evals = cfg.tune.trial_evals
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(evals, cfg.tune.asha_grace),
                               grace_period=cfg.tune.asha_grace, reduction_factor=2)
     trainable = tune.with_resources(
