@@ -55,6 +55,7 @@ def test_shipped_test_config_loads():
         ({"tune": {"ratio_range": [10.0, 1.0]}},
          "tune.ratio_range: must be [low, high] with 0 < low <= high, got [10.0, 1.0]"),
         ({"tune": {"kernels": ["psd", "rbf"]}}, "tune.kernels[1]: must be 'psd' or 'exp', got 'rbf'"),
+        ({"tune": {"trial_evals": 0}}, "tune.trial_evals: must be between 1 and tune.trial_steps, got 0"),
         ({"tracking": {"wandb": "on"}},
          "tracking.wandb: must be one of 'offline', 'online', 'disabled', got 'on' (did you mean 'online'?)"),
         ({"synthetic": None}, "tasks: no tasks: give `tasks` or `synthetic`"),
@@ -95,7 +96,8 @@ def test_task_errors_are_gathered_with_paths(tmp_path):
 
 
 def test_many_problems_in_one_error():
-    with pytest.raises(ConfigError, match=r"3 problems: energy.tau: must be > 0, got -1.0; train.steps: must be >= 1, got 0; "
+    with pytest.raises(ConfigError, match=r"3 problems: energy.tau: must be > 0, got -1.0; "
+                                          r"train.steps: must be >= 1, got 0; "
                                           r"train.micro_batch_size: must be >= 1, got 0$"):
         config_from_dict({**BASE, "train": {"steps": 0, "micro_batch_size": 0}, "energy": {"tau": -1.0}})
 
@@ -116,5 +118,6 @@ def test_overrides_and_types():
 
 def test_reference_lists_every_section():
     ref = reference_markdown()
-    for name in ("`train.weight_unit`", "`energy.beta`", "`tasks[].prompt_template`", "`estimation.stop_when_stable.tol`"):
+    for name in ("`train.weight_unit`", "`energy.beta`", "`tasks[].prompt_template`",
+                 "`estimation.stop_when_stable.tol`"):
         assert name in ref
