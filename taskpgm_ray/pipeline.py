@@ -124,12 +124,12 @@ class Pipeline:
     def _run_probes(self) -> None:
         from taskpgm_ray.distributed.probes import probe_command
 
-        probe_command(self.cfg)
+        probe_command(self.cfg, tasks=self.tasks)
 
     def _run_estimate(self) -> None:
         from taskpgm_ray.distributed.estimation import estimate_command
 
-        estimate_command(self.cfg)
+        estimate_command(self.cfg, tasks=self.tasks)
         shutil.copyfile(self.out / "mixture.json", self.out / "estimate" / "mixture.default.json")
 
     def _run_tune(self) -> None:
@@ -143,7 +143,7 @@ class Pipeline:
 
         if not self.resume:  # a fresh run: do not continue a half-finished fine-tune of an older mixture
             shutil.rmtree(self.out / "train", ignore_errors=True)
-        train_command(self.cfg, self.out / "mixture.json")
+        train_command(self.cfg, self.out / "mixture.json", tasks=self.tasks)
 
     def _run_report(self) -> None:
         from taskpgm_ray.report import make_report

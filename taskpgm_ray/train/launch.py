@@ -122,12 +122,13 @@ def run_training(cfg: Config, tasks: list[TaskData], weights: Mapping[str, float
     return summary
 
 
-def train_command(cfg: Config, mixture_path: str | os.PathLike) -> dict[str, Any]:
-    """``taskpgm train CONFIG --mixture M.json``: load tasks, read and check the mixture, train; the summary."""
+def train_command(cfg: Config, mixture_path: str | os.PathLike, *,
+                  tasks: list[TaskData] | None = None) -> dict[str, Any]:
+    """``taskpgm train CONFIG --mixture M.json``: load tasks (unless given), check the mixture, train; the summary."""
     from taskpgm_ray.models import ensure_run_tokenizer
     from taskpgm_ray.tasks import load_tasks
 
-    tasks = load_tasks(cfg)
+    tasks = load_tasks(cfg) if tasks is None else tasks
     weights = read_mixture_weights(mixture_path)
     validate_mixture(weights, tasks, cfg)
     ensure_run_tokenizer(cfg.model, cfg.output_dir)
