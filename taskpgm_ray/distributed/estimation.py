@@ -327,7 +327,7 @@ def resolve_proxies(cfg: Config, tasks: list[TaskData]) -> list[Proxy]:
         proxies.append(Proxy(t.name, d.name.rsplit("-", 1)[1], str(d)))
     if missing:
         raise EstimationError(f"no finished probe adapter for task(s) {', '.join(missing)}; "
-                              f"run `taskpgm probe CONFIG` first")
+                              f"run `taskpgm probe CONFIG` (stage 2) or `taskpgm run CONFIG` (every stage) first")
     return proxies
 
 
