@@ -11,6 +11,7 @@ import datetime as _dt
 import json
 import math
 import re
+import zipfile
 
 import numpy as np
 
@@ -19,7 +20,12 @@ from taskpgm_ray.io import atomic_savez, atomic_write_text
 FORMAT = "taskpgm-mixture/1"
 METHODS = ("taskpgm", "uniform", "size", "temperature")
 AFFINITIES = ("pmi", "jsd", None)
+WEIGHT_UNITS = ("examples", "tokens")
 EXPORTS = ("hf", "llamafactory", "axolotl", "megatron", "json")
+# Fields a mixture file may leave out (CONTRACT.md: only `format` and `weights` are required); read_mixture
+# fills them with null, except weight_unit, which defaults to "examples".
+OPTIONAL_FIELDS = ("method", "affinity", "hyperparameters", "energy", "kkt_residual", "sizes", "inputs_hash",
+                   "created")
 
 
 def _check_weights(weights: dict, where: str) -> dict[str, float]:
@@ -49,13 +55,20 @@ def write_mixture(
     kkt_residual: float | None,
     sizes: dict[str, int],
     inputs_hash: str,
+    weight_unit: str = "examples",
 ) -> None:
-    """Write ``mixture.json`` (format "taskpgm-mixture/1") atomically, after validating every field."""
+    """Write ``mixture.json`` (format "taskpgm-mixture/1") atomically, after validating every field.
+
+    ``weight_unit`` says what a weight counts ("examples" or "tokens"), so that exports to tools that count
+    the other unit can convert.
+    """
     weights = _check_weights(dict(weights), path)
     if method not in METHODS:
         raise ValueError(f"{path}: method must be one of {METHODS}, got {method!r}")
     if affinity not in AFFINITIES:
         raise ValueError(f"{path}: affinity must be one of {AFFINITIES}, got {affinity!r}")
+    if weight_unit not in WEIGHT_UNITS:
+        raise ValueError(f"{path}: weight_unit must be one of {WEIGHT_UNITS}, got {weight_unit!r}")
     for name, v in (("energy", energy), ("kkt_residual", kkt_residual)):
         if v is not None and not math.isfinite(v):
             raise ValueError(f"{path}: {name} must be a finite number or null, got {v!r}")
@@ -65,6 +78,7 @@ def write_mixture(
     doc = {
         "format": FORMAT,
         "weights": weights,
+        "weight_unit": weight_unit,
         "method": method,
         "affinity": affinity,
         "hyperparameters": dict(hyperparameters),
@@ -78,34 +92,39 @@ def write_mixture(
 
 
 def read_mixture(path: str) -> dict:
-    """Read and validate ``mixture.json``; ValueError naming the file and the field or task."""
+    """Read and validate ``mixture.json``; ValueError naming the file and the field or task.
+
+    Only ``format`` and ``weights`` are required (a hand-written file is valid); a missing optional field
+    reads as null, a missing ``weight_unit`` as "examples".
+    """
     try:
         with open(path) as f:
             doc = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file (expected a JSON mixture)") from None
     if not isinstance(doc, dict):
         raise ValueError(f"{path}: expected a JSON object")
     if doc.get("format") != FORMAT:
         raise ValueError(f"{path}: field 'format' must be {FORMAT!r}, got {doc.get('format')!r}")
-    for key in (
-        "weights",
-        "method",
-        "affinity",
-        "hyperparameters",
-        "energy",
-        "kkt_residual",
-        "sizes",
-        "inputs_hash",
-        "created",
-    ):
-        if key not in doc:
-            raise ValueError(f"{path}: missing field {key!r}")
+    if "weights" not in doc:
+        raise ValueError(f"{path}: missing field 'weights' (an object {{task: weight}} summing to 1)")
     doc["weights"] = _check_weights(doc["weights"], path)
-    if doc["method"] not in METHODS:
-        raise ValueError(f"{path}: field 'method' must be one of {METHODS}, got {doc['method']!r}")
+    for key in OPTIONAL_FIELDS:
+        doc.setdefault(key, None)
+    doc.setdefault("weight_unit", "examples")
+    if doc["weight_unit"] not in WEIGHT_UNITS:
+        raise ValueError(f"{path}: field 'weight_unit' must be one of {WEIGHT_UNITS}, got {doc['weight_unit']!r}")
+    if doc["method"] is not None and doc["method"] not in METHODS:
+        raise ValueError(f"{path}: field 'method' must be one of {METHODS} or null, got {doc['method']!r}")
     if doc["affinity"] not in AFFINITIES:
         raise ValueError(f"{path}: field 'affinity' must be one of {AFFINITIES}, got {doc['affinity']!r}")
+    sizes = doc["sizes"]
+    if sizes is not None and (not isinstance(sizes, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in sizes.values())):
+        raise ValueError(f"{path}: field 'sizes' must be an object {{task: training examples}} of whole "
+                         f"numbers >= 0, or null")
     return doc
 
 
@@ -122,10 +141,36 @@ def save_likelihoods(path: str, tasks, loglik_sum, count, sizes=None) -> None:
     atomic_savez(path, **arrays)
 
 
+def read_npz(path: str) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file, read without unpickling anything; a ValueError names the file otherwise.
+
+    numpy's own errors for a wrong file suggest ``allow_pickle=True``, which would run code from the file;
+    these say what the file should be instead.
+    """
+    what = f"{path}: not a NumPy .npz archive of plain arrays (as numpy.savez writes)"
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile):
+        raise ValueError(what) from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError(f"{what}; it holds a single .npy array")
+    arrays = {}
+    with z:
+        for key in z.files:
+            try:
+                a = z[key]
+            except ValueError:
+                raise ValueError(f"{path}: array {key!r} holds Python objects (pickled data), which are never "
+                                 f"loaded; save names as strings and numbers as numbers") from None
+            if not isinstance(a, np.ndarray):
+                raise ValueError(f"{path}: member {key!r} is not a .npy array ({what.split(': ', 1)[1]})")
+            arrays[key] = a
+    return arrays
+
+
 def load_likelihoods(path: str):
     """Read ``likelihoods.npz`` -> (tasks list[str], loglik_sum (n, n), count (n,), sizes (n,) or None)."""
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
+    arrays = read_npz(path)
     _validate_likelihoods(path, arrays)
     sizes = arrays.get("sizes")
     return (

@@ -35,9 +35,11 @@ def test_mixture_round_trip_and_format(tmp_path):
     assert doc["weights"] == WEIGHTS and doc["sizes"] == SIZES
     assert doc["method"] == "taskpgm" and doc["affinity"] == "pmi" and doc["energy"] == -1.25
     assert doc["created"].endswith("+00:00") and "T" in doc["created"]
+    assert doc["weight_unit"] == "examples"  # the default
     assert set(json.loads(p.read_text())) == {
         "format",
         "weights",
+        "weight_unit",
         "method",
         "affinity",
         "hyperparameters",
@@ -72,8 +74,10 @@ def test_write_is_atomic_on_failure(tmp_path, monkeypatch):
         (lambda d: d["weights"].update(alpaca=-0.1, gsm8k=0.9), r"weights\['alpaca'\] is negative"),
         (lambda d: d["weights"].update(alpaca=0.6), r"weights sum to 1\.1, not 1"),
         (lambda d: d["weights"].update(code=float("nan")), r"weights\['code'\] must be a finite number"),
-        (lambda d: d.pop("sizes"), r"missing field 'sizes'"),
+        (lambda d: d.pop("weights"), r"missing field 'weights'"),
         (lambda d: d.update(method="magic"), r"field 'method' must be one of"),
+        (lambda d: d.update(weight_unit="bytes"), r"field 'weight_unit' must be one of \('examples', 'tokens'\)"),
+        (lambda d: d.update(sizes={"alpaca": -1}), r"field 'sizes' must be an object"),
     ],
 )
 def test_read_mixture_errors_name_file_and_field(tmp_path, edit, match):
@@ -84,6 +88,29 @@ def test_read_mixture_errors_name_file_and_field(tmp_path, edit, match):
     p.write_text(json.dumps(doc))
     with pytest.raises(ValueError, match=str(p).replace(".", r"\.") + ": " + match):
         mf.read_mixture(str(p))
+
+
+def test_hand_written_mixture_needs_only_format_and_weights(tmp_path):
+    p = tmp_path / "hand.json"
+    p.write_text(json.dumps({"format": "taskpgm-mixture/1", "weights": {"a": 0.25, "b": 0.75}}))
+    doc = mf.read_mixture(str(p))
+    assert doc["weights"] == {"a": 0.25, "b": 0.75} and doc["weight_unit"] == "examples"
+    for key in mf.OPTIONAL_FIELDS:
+        assert doc[key] is None, key
+    p.write_text(json.dumps({"format": "taskpgm-mixture/1", "weights": {"a": 1.25, "b": -0.25}}))
+    with pytest.raises(ValueError, match=r"hand\.json: weights\['b'\] is negative \(-0\.25\)"):
+        mf.read_mixture(str(p))
+    p.write_text(json.dumps({"format": "taskpgm-mixture/1", "weights": {"a": 0.5, "b": 0.5000011}}))
+    with pytest.raises(ValueError, match=r"hand\.json: weights sum to 1\.0000011, not 1 \(tolerance 1e-6\)"):
+        mf.read_mixture(str(p))
+
+
+def test_write_mixture_records_weight_unit(tmp_path):
+    p = tmp_path / "m.json"
+    write(p, weight_unit="tokens")
+    assert mf.read_mixture(str(p))["weight_unit"] == "tokens"
+    with pytest.raises(ValueError, match=r"weight_unit must be one of \('examples', 'tokens'\), got 'rows'"):
+        write(p, weight_unit="rows")
 
 
 def test_write_mixture_rejects_bad_weights(tmp_path):
@@ -124,6 +151,36 @@ def test_load_likelihoods_errors(tmp_path, arrays, match):
     np.savez(p, **{k: np.asarray(v) for k, v in arrays.items()})
     with pytest.raises(ValueError, match=match):
         mf.load_likelihoods(p)
+
+
+def test_load_likelihoods_refuses_what_is_not_a_plain_npz(tmp_path):
+    """Never numpy's "allow_pickle" hint: each message names the file and says what it should be."""
+    import pickle
+
+    not_npz = "not a NumPy .npz archive of plain arrays (as numpy.savez writes)"
+    text = tmp_path / "L.txt"
+    text.write_text("tasks,loglik\n")
+    pickled = tmp_path / "L.pkl"
+    pickled.write_bytes(pickle.dumps({"tasks": ["a"]}))
+    single = tmp_path / "L.npy"
+    np.save(single, np.zeros(3))
+    empty = tmp_path / "empty.npz"
+    empty.write_bytes(b"")
+    objects = tmp_path / "objects.npz"
+    np.savez(objects, tasks=np.array(["a", None], dtype=object), loglik_sum=-np.ones((2, 2)), count=[1, 1])
+    cases = {
+        text: f"{text}: {not_npz}",
+        pickled: f"{pickled}: {not_npz}",
+        empty: f"{empty}: {not_npz}",
+        single: f"{single}: {not_npz}; it holds a single .npy array",
+        objects: f"{objects}: array 'tasks' holds Python objects (pickled data), which are never loaded; "
+                 "save names as strings and numbers as numbers",
+    }
+    for path, message in cases.items():
+        with pytest.raises(ValueError) as e:
+            mf.load_likelihoods(str(path))
+        assert str(e.value) == message
+        assert "allow_pickle" not in str(e.value)
 
 
 @pytest.mark.parametrize("to", ["hf", "llamafactory", "megatron", "json"])

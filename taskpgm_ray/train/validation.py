@@ -15,7 +15,11 @@ SUM_TOLERANCE = 1e-6
 
 
 def read_mixture_weights(path: str | os.PathLike) -> dict[str, float]:
-    """The ``weights`` of a ``mixture.json`` (CONTRACT.md), read and format-checked by ``mixture_file``."""
+    """The ``weights`` of a ``mixture.json`` (CONTRACT.md), read and format-checked by ``mixture_file``.
+
+    A hand-written file with only ``format`` and ``weights`` is enough; negative weights and sums off 1 are
+    refused there (naming the file and task), unknown tasks by ``validate_mixture``.
+    """
     from taskpgm_ray.mixture_file import read_mixture
 
     if not os.path.isfile(path):
