@@ -227,18 +227,45 @@ def solve(lik_path: str, out: str, affinity: str, jsd_path: str | None, kernel: 
 @cli.command()
 @click.argument("mixture_path", type=click.Path(dir_okay=False, exists=True))
 @click.option("--to", "to", required=True, type=click.Choice(["hf", "llamafactory", "axolotl", "megatron", "json"]))
-@click.option("--out", "out", type=click.Path(dir_okay=False), default=None, help="Write here instead of stdout.")
-def export(mixture_path: str, to: str, out: str | None) -> None:
-    """The mixture in another framework's format."""
+@click.option("--names", "names_path", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="YAML/JSON mapping task -> the dataset the tool knows: hf a load_dataset path or folder, "
+                   "llamafactory a dataset_info.json entry (a string: its file_name), axolotl a datasets entry "
+                   "(a string: its path), megatron a data prefix. Default: the task name.")
+@click.option("--num-samples", "num_samples", type=int, default=None,
+              help="llamafactory, axolotl: examples to train on in all (default: the most that repeat no "
+                   "example, from the mixture's sizes).")
+@click.option("--mean-tokens", "mean_tokens_path", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="YAML/JSON {task: mean tokens per example}, or a run's train/summary.json: converts example "
+                   "weights to megatron's token shares (and token weights to example shares for the others).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="hf: the interleave seed; axolotl: the seed its shard subsets are drawn with.")
+@click.option("--out", "out", type=click.Path(), default=None,
+              help="Write the file the tool reads here instead of printing (llamafactory: a directory, for "
+                   "dataset_info.json and mixture_llamafactory.yaml; megatron: a --data-args-path file).")
+def export(mixture_path: str, to: str, names_path: str | None, num_samples: int | None,
+           mean_tokens_path: str | None, seed: int, out: str | None) -> None:
+    """The mixture in another framework's format (weight-0 tasks left out, the rest renormalised)."""
     from taskpgm_ray.io import atomic_write_text
-    from taskpgm_ray.mixture_file import export_mixture, read_mixture
+    from taskpgm_ray.mixture_file import build_export, read_mean_tokens, read_mixture, read_names
 
-    text = export_mixture(read_mixture(mixture_path), to)
-    if out:
-        atomic_write_text(out, text)
-        click.echo(f"wrote {out}")
+    result = build_export(read_mixture(mixture_path), to,
+                          names=read_names(names_path) if names_path else None, num_samples=num_samples,
+                          mean_tokens=read_mean_tokens(mean_tokens_path) if mean_tokens_path else None, seed=seed)
+    if not out:
+        click.echo(result.text, nl=not result.text.endswith("\n"))
+        return
+    if len(result.files) > 1 or Path(out).is_dir():  # a directory: each file under its own name
+        if Path(out).exists() and not Path(out).is_dir():
+            raise ValueError(f"--out {out}: --to {to} writes {' and '.join(result.files)}, so --out must be a "
+                             f"directory")
+        targets = {Path(out) / name: text for name, text in result.files.items()}
     else:
-        click.echo(text, nl=not text.endswith("\n"))
+        targets = {Path(out): next(iter(result.files.values()))}
+    for path, text in targets.items():
+        atomic_write_text(path, text)
+        click.echo(f"wrote {path}")
+    for note in result.notes:
+        click.echo(f"note: {note}")
 
 
 @cli.command()

@@ -69,11 +69,15 @@ def test_solve_writes_the_contract_mixture_and_exports_round_trip(tmp_path, caps
     assert list(mix["weights"]) == ["math", "algebra", "chat"]
     assert [round(w, 3) for w in mix["weights"].values()] == [0.395, 0.413, 0.192]  # README's worked example
     assert mix["sizes"] == {"math": 50000, "algebra": 20000, "chat": 5000}
+    # megatron blends tokens: with equal mean tokens per example the token shares are the example shares
+    (tmp_path / "tokens.yaml").write_text("math: 100\nalgebra: 100\nchat: 100\n")
     for fmt in ("hf", "llamafactory", "megatron", "json"):
         capsys.readouterr()
-        assert main(["export", str(out), "--to", fmt]) == 0
+        extra = ["--mean-tokens", str(tmp_path / "tokens.yaml")] if fmt == "megatron" else []
+        assert main(["export", str(out), "--to", fmt, *extra]) == 0
         back = parse_export(capsys.readouterr().out, fmt)
-        assert all(abs(back[t] - w) < 1e-9 for t, w in mix["weights"].items()), fmt
+        tol = 1e-4 if fmt == "llamafactory" else 1e-9  # llamafactory: whole examples (26,041 in all here)
+        assert all(abs(back[t] - w) < tol for t, w in mix["weights"].items()), fmt
 
 
 def test_solve_budget_and_bad_input(tmp_path, capsys):
@@ -87,3 +91,82 @@ def test_solve_budget_and_bad_input(tmp_path, capsys):
     assert "energy.tau: must be > 0, got 0.0" in capsys.readouterr().err
     assert main(["solve", "--likelihoods", str(tmp_path / "nope.npz"), "--out", str(out)]) == 2
     assert main(["solve", "--likelihoods", str(lik), "--out", str(out), "--affinity", "jsd"]) == 2
+
+
+# --- bad input at the edges (issue 13) and exports as a user runs them (issue 15) ----------------------
+
+
+def _hand_written(path, weights):
+    path.write_text(json.dumps({"format": "taskpgm-mixture/1", "weights": weights}))
+    return path
+
+
+def test_hand_written_mixture_is_accepted_by_export_and_checked_by_train(tmp_path, capsys):
+    from taskpgm_ray.config import load_config
+    from taskpgm_ray.tasks import load_tasks
+    from taskpgm_ray.train import read_mixture_weights, validate_mixture
+
+    suite = ["reverse_a", "reverse_b", "copy", "noise_a", "sort", "add"]
+    good = _hand_written(tmp_path / "hand.json", {**{t: 0.2 for t in suite[:5]}, "add": 0.0})
+    assert main(["export", str(good), "--to", "hf"]) == 0
+    assert "# Left out (weight 0): add" in capsys.readouterr().out
+    cfg = load_config(None, test_mode=True)
+    assert validate_mixture(read_mixture_weights(good), load_tasks(cfg), cfg)["add"] == 0.0  # train would accept it
+
+    run = ["train", "--test-mode", "--output-dir", str(tmp_path / "run"), "--mixture"]
+    cases = [
+        ({**{t: 0.2 for t in suite[:5]}, "nope": 0.0},
+         f"mixture: unknown task(s) 'nope' (configured: {', '.join(suite)}); "
+         "mixture: no weight for configured task(s) 'add' (give 0 to leave a task out)"),
+        ({**{t: 0.25 for t in suite[:4]}, "sort": 0.25, "add": -0.25},
+         f"{tmp_path / 'bad.json'}: weights['add'] is negative (-0.25)"),
+        ({t: 0.17 for t in suite}, f"{tmp_path / 'bad.json'}: weights sum to 1.02, not 1 (tolerance 1e-6)"),
+    ]
+    for weights, message in cases:
+        bad = _hand_written(tmp_path / "bad.json", weights)
+        assert main([*run, str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("taskpgm: error: ") and message in err, err
+    assert not (tmp_path / "run" / "train").exists()  # refused before any training
+
+
+def test_export_with_names_writes_the_files_each_tool_reads(tmp_path, capsys):
+    import yaml
+
+    mixture = _hand_written(tmp_path / "m.json", {"math": 0.6, "chat": 0.4, "junk": 0.0})
+    (tmp_path / "names.yaml").write_text("math: data/math.jsonl\nchat: {hf_hub_url: org/chat, formatting: sharegpt}\n")
+    out = tmp_path / "lf"
+    assert main(["export", str(mixture), "--to", "llamafactory", "--names", str(tmp_path / "names.yaml"),
+                 "--num-samples", "1000", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out / 'mixture_llamafactory.yaml'}" in printed and "note: left out (weight 0): junk" in printed
+    args = yaml.safe_load((out / "mixture_llamafactory.yaml").read_text())
+    info = json.loads((out / "dataset_info.json").read_text())
+    assert args == {"dataset": "math,chat", "mix_strategy": "concat"}
+    assert info["math"]["file_name"] == "data/math.jsonl" and info["math"]["num_samples"] == 600
+    assert info["chat"] == {"hf_hub_url": "org/chat", "formatting": "sharegpt", "num_samples": 400}
+
+    summary = tmp_path / "summary.json"  # a run's train/summary.json gives the mean tokens per example
+    summary.write_text(json.dumps({"samples_per_task": {"math": 10, "chat": 10}, "tokens_per_task": {"math": 1000,
+                                                                                                    "chat": 3000}}))
+    (tmp_path / "prefixes.yaml").write_text("math: /data/math_text_document\nchat: /data/chat_text_document\n")
+    assert main(["export", str(mixture), "--to", "megatron", "--names", str(tmp_path / "prefixes.yaml"),
+                 "--mean-tokens", str(summary), "--out", str(tmp_path / "blend.txt")]) == 0
+    tokens = (tmp_path / "blend.txt").read_text().split()  # what --data-args-path reads
+    assert tokens[1::2] == ["/data/math_text_document", "/data/chat_text_document"]
+    assert [float(w) for w in tokens[0::2]] == [0.6 * 100 / 180, 0.4 * 300 / 180]
+
+    assert main(["export", str(mixture), "--to", "megatron"]) == 2
+    assert capsys.readouterr().err == (
+        "taskpgm: error: megatron blends token sequences, but this mixture's weights count examples "
+        "(weight_unit: examples); give --mean-tokens FILE (task: mean tokens per example, or a run's "
+        "train/summary.json) to convert; missing for math, chat\n")
+    assert main(["export", str(mixture), "--to", "hf", "--num-samples", "5"]) == 2
+    assert "--num-samples applies to --to llamafactory and axolotl, not hf" in capsys.readouterr().err
+
+
+def test_estimate_without_probes_says_what_to_run(tmp_path, capsys):
+    assert main(["estimate", "--test-mode", "--output-dir", str(tmp_path / "run")]) != 0
+    err = capsys.readouterr().err
+    assert "no finished probe adapter for task(s) 'reverse_a' (expected at " in err
+    assert "; run `taskpgm probe CONFIG` (stage 2) or `taskpgm run CONFIG` (every stage) first" in err
