@@ -192,27 +192,31 @@ def solve(lik_path: str, out: str, affinity: str, jsd_path: str | None, kernel: 
     import dataclasses
     import hashlib
 
-    import numpy as np
-
     from taskpgm_ray.config import config_from_dict
     from taskpgm_ray.distributed.solve import solve_from_sums
-    from taskpgm_ray.mixture_file import load_likelihoods, write_mixture
+    from taskpgm_ray.mixture_file import load_likelihoods, read_npz, write_mixture
 
+    if not beta >= 0:  # E(p) = (lam/2) p^T S p - beta u^T p: beta < 0 rewards leaving out the tasks u favours
+        raise ValueError(f"--beta must be >= 0, got {beta:g} (a negative beta turns the unary term upside down)")
     energy = {"affinity": affinity, "kernel": kernel, "tau": tau, "beta": beta, "lam": lam, "method": method,
               "budget": budget, "min_weight": min_weight, "max_weight": max_weight}
     # The same validation as a config file's energy section, so the same mistakes get the same messages.
     checked = config_from_dict({"tasks": [], "synthetic": {}, "energy": energy,
                                 "estimation": {"jsd": True}}).energy
     tasks, loglik_sum, count, sizes = load_likelihoods(lik_path)
+    if budget is not None and budget > len(tasks):
+        raise ValueError(f"--budget must be at most the number of tasks ({len(tasks)} in {lik_path}), got {budget}")
     jsd_sum = jsd_count = None
     if affinity == "jsd":
         jsd_path = jsd_path or str(Path(lik_path).with_name("jsd.npz"))
         if not Path(jsd_path).exists():
             raise click.UsageError(f"--affinity jsd needs {jsd_path} (or --jsd PATH)")
-        with np.load(jsd_path) as f:
-            if [str(t) for t in f["tasks"]] != list(tasks):
-                raise ValueError(f"{jsd_path}: tasks differ from {lik_path}")
-            jsd_sum, jsd_count = f["jsd_sum"], f["token_count"]
+        f = read_npz(jsd_path)
+        if any(k not in f for k in ("tasks", "jsd_sum", "token_count")):
+            raise ValueError(f"{jsd_path}: needs arrays tasks, jsd_sum and token_count (as `taskpgm estimate` writes)")
+        if [str(t) for t in f["tasks"]] != list(tasks):
+            raise ValueError(f"{jsd_path}: tasks differ from {lik_path}")
+        jsd_sum, jsd_count = f["jsd_sum"], f["token_count"]
     weights, sol, _ = solve_from_sums(loglik_sum, count, jsd_sum, jsd_count, checked)
     hyper = {k: v for k, v in dataclasses.asdict(checked).items() if k not in ("affinity", "unary")}
     size_map = {t: int(s) for t, s in zip(tasks, sizes)} if sizes is not None else {t: 0 for t in tasks}

@@ -96,6 +96,46 @@ def test_solve_budget_and_bad_input(tmp_path, capsys):
 # --- bad input at the edges (issue 13) and exports as a user runs them (issue 15) ----------------------
 
 
+def _four_tasks(path):
+    import numpy as np
+
+    from taskpgm_ray.mixture_file import save_likelihoods
+
+    L = -np.array([[1.0, 2.0, 3.0, 2.5], [2.0, 1.0, 2.5, 3.0], [3.0, 2.5, 1.0, 2.0], [2.5, 3.0, 2.0, 1.0]]) * 10
+    save_likelihoods(str(path), ["a", "b", "c", "d"], L, np.array([10, 10, 10, 10]), np.array([100, 200, 300, 400]))
+    return path
+
+
+def test_solve_refuses_negative_beta_and_a_budget_over_the_task_count(tmp_path, capsys):
+    lik = _four_tasks(tmp_path / "L.npz")
+    out = tmp_path / "m.json"
+    assert main(["solve", "--likelihoods", str(lik), "--out", str(out), "--beta", "-1"]) == 2
+    assert capsys.readouterr().err == (
+        "taskpgm: error: --beta must be >= 0, got -1 (a negative beta turns the unary term upside down)\n")
+    assert main(["solve", "--likelihoods", str(lik), "--out", str(out), "--budget", "9"]) == 2
+    assert capsys.readouterr().err == (
+        f"taskpgm: error: --budget must be at most the number of tasks (4 in {lik}), got 9\n")
+    assert not out.exists()
+    assert main(["solve", "--likelihoods", str(lik), "--out", str(out), "--budget", "4"]) == 0
+
+
+def test_solve_names_a_likelihoods_file_that_is_not_a_plain_npz(tmp_path, capsys):
+    import numpy as np
+
+    text = tmp_path / "L.npz"
+    text.write_text("not numpy\n")
+    objects = tmp_path / "objects.npz"
+    np.savez(objects, tasks=np.array(["a", {"b": 1}], dtype=object), loglik_sum=-np.ones((2, 2)), count=[1, 1])
+    for path, message in (
+        (text, f"{text}: not a NumPy .npz archive of plain arrays (as numpy.savez writes)"),
+        (objects, f"{objects}: array 'tasks' holds Python objects (pickled data), which are never loaded; "
+                  "save names as strings and numbers as numbers"),
+    ):
+        assert main(["solve", "--likelihoods", str(path), "--out", str(tmp_path / "m.json")]) == 2
+        err = capsys.readouterr().err
+        assert err == f"taskpgm: error: {message}\n" and "allow_pickle" not in err
+
+
 def _hand_written(path, weights):
     path.write_text(json.dumps({"format": "taskpgm-mixture/1", "weights": weights}))
     return path
