@@ -228,11 +228,14 @@ class TuneConfig:
 
 @dataclass
 class TrackingConfig:
-    """Weights & Biases. The API key only ever comes from WANDB_API_KEY."""
+    """Weights & Biases. The API key only ever comes from WANDB_API_KEY; null fields come from the environment."""
 
-    wandb: Literal["offline", "online", "disabled"] = doc("W&B mode", "offline")
-    project: str = doc("W&B project", "taskpgm")
-    entity: str | None = doc("W&B entity", None)
+    wandb: Literal["offline", "online", "disabled"] | None = doc(
+        "W&B mode; null: WANDB_MODE from the environment, else 'offline'", None)
+    project: str | None = doc("W&B project; null: WANDB_PROJECT from the environment, else 'taskpgm'", None)
+    entity: str | None = doc("W&B entity; null: WANDB_ENTITY from the environment, else your default entity", None)
+    group: str | None = doc("W&B group of every run of this pipeline; null: a unique id made on first use and kept "
+                            "in the run directory's wandb_group.txt (a resumed run keeps it)", None)
 
 
 @dataclass

@@ -226,7 +226,7 @@ def make_report(run_dir: str | Path, *, tracking: TrackingConfig | None = None) 
 
 
 def _log_wandb(tracking: TrackingConfig, run_dir: Path, report: dict, plots: dict[str, Path]) -> None:
-    from taskpgm_ray.tracking import wandb_run
+    from taskpgm_ray.tracking import log_mixture, wandb_run
 
     with wandb_run(tracking, run_dir, job_type="report", name="report") as run:
         if run is None:
@@ -240,3 +240,4 @@ def _log_wandb(tracking: TrackingConfig, run_dir: Path, report: dict, plots: dic
         })
         run.summary["eval_loss_mean"] = report["eval_loss_mean"]
         run.summary["mixture"] = {r["task"]: r["weight"] for r in report["tasks"]}
+        log_mixture(run, run_dir / "mixture.json")

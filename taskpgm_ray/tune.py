@@ -99,9 +99,12 @@ def _trial(params: dict[str, Any], *, cfg: Config, tasks: list[TaskData], sums: 
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from taskpgm_ray.tracking import trial_tracking
     from taskpgm_ray.train import build_trainer
 
-    weights, _ = trial_weights(params, sums, cfg, tasks)
+    weights, desc = trial_weights(params, sums, cfg, tasks)
+    # W&B: the pipeline's group; the trial's runs named by its hyperparameters, which go in their config.
+    cfg = dataclasses.replace(cfg, tracking=trial_tracking(cfg.tracking, run_dir, params, desc["hyperparameters"]))
     # A trial evaluates `trial_evals` times (ASHA's rungs) and keeps no intermediate checkpoints.
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(
         cfg.train, cpus_per_worker=cfg.tune.trial_cpus_per_worker, checkpoint_every=0,

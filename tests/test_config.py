@@ -121,3 +121,8 @@ def test_reference_lists_every_section():
     for name in ("`train.weight_unit`", "`energy.beta`", "`tasks[].prompt_template`",
                  "`estimation.stop_when_stable.tol`"):
         assert name in ref
+
+
+def test_tracking_defaults_are_null_meaning_from_the_environment():
+    cfg = config_from_dict(BASE)
+    assert (cfg.tracking.wandb, cfg.tracking.project, cfg.tracking.group) == (None, None, None)

@@ -50,6 +50,7 @@ def build_trainer(cfg: Config, tasks: list[TaskData], weights: Mapping[str, floa
 
     from taskpgm_ray.distributed.cluster import worker_env
     from taskpgm_ray.models import ensure_run_tokenizer
+    from taskpgm_ray.tracking import resolve_tracking
     from taskpgm_ray.train.deepspeed_config import deepspeed_config
     from taskpgm_ray.train.recipe import train_loop_per_worker
 
@@ -66,7 +67,7 @@ def build_trainer(cfg: Config, tasks: list[TaskData], weights: Mapping[str, floa
         "name": name,
         "train": tc,
         "model": cfg.model,
-        "tracking": cfg.tracking,
+        "tracking": resolve_tracking(cfg.tracking, run_dir),  # W&B mode, project, group settled on the driver
         "ds_config": deepspeed_config(tc, world_size=tc.num_workers, on_gpu=tc.use_gpu),
         "tokenizer_path": str(ensure_run_tokenizer(cfg.model, cfg.output_dir).resolve()),
         "tasks": [{"name": t.name,
