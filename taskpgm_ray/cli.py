@@ -17,26 +17,46 @@ from taskpgm_ray.config import Config, ConfigError, load_config
 EXIT_BAD_INPUT = 2
 
 
+SET_HELP = ("Override a config field, e.g. --set train.steps=50 or --set tasks.0.max_examples=500 "
+            "(repeatable; VALUE is YAML).")
+COMMAND_SETS = "taskpgm.set"  # ctx.meta key: the --set values given after the command name
+
+
 def _config(config: str | None, test_mode: bool, output_dir: str | None) -> Config:
-    """Load CONFIG (or the shipped test config) with the ``--set`` overrides and ``--output-dir``."""
+    """Load CONFIG (or the shipped test config) with the ``--set`` overrides and ``--output-dir``.
+
+    ``--set`` may come before the command (``taskpgm --set K=V run C``) or after it (``taskpgm run C --set K=V``);
+    the later one wins.
+    """
     import yaml
 
     if config is not None and test_mode:
         raise click.UsageError("give CONFIG or --test-mode, not both")
+    ctx = click.get_current_context()
     overrides = {}
-    for item in click.get_current_context().find_root().params.get("set_") or ():
+    for item in (*(ctx.find_root().params.get("set_") or ()), *ctx.meta.get(COMMAND_SETS, ())):
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
-        overrides[key.strip()] = yaml.safe_load(value)
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise click.BadParameter(f"{item!r}: VALUE is not valid YAML ({getattr(exc, 'problem', exc)})",
+                                     param_hint="--set") from None
     cfg = load_config(config, test_mode=test_mode, overrides=overrides)
     if output_dir:
         cfg.output_dir = output_dir
     return cfg
 
 
+def _remember_sets(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> None:
+    ctx.meta[COMMAND_SETS] = value
+
+
 def stage_options(f):
-    """The options every stage command takes: CONFIG, --test-mode, --output-dir."""
+    """The options every stage command takes: CONFIG, --test-mode, --output-dir, --set."""
+    f = click.option("--set", "set_", multiple=True, metavar="KEY=VALUE", expose_value=False,
+                     callback=_remember_sets, help=SET_HELP)(f)
     f = click.option("--output-dir", type=click.Path(file_okay=False), default=None,
                      help="Run directory (overrides the config's output_dir).")(f)
     f = click.option("--test-mode", is_flag=True,
@@ -47,8 +67,7 @@ def stage_options(f):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
-@click.option("--set", "set_", multiple=True, metavar="KEY=VALUE",
-              help="Override a config field, e.g. --set train.steps=50 (repeatable; VALUE is YAML).")
+@click.option("--set", "set_", multiple=True, metavar="KEY=VALUE", help=SET_HELP + " Also after the command.")
 @click.version_option(package_name="taskpgm_ray")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool, set_: tuple[str, ...]) -> None:
@@ -280,6 +299,21 @@ def report(run_dir: str) -> None:
 
     make_report(run_dir, tracking=run_tracking(run_dir))
     click.echo(f"wrote {Path(run_dir) / 'report'}")
+
+
+@cli.group("config")
+def config_group() -> None:
+    """Show the configuration a run would use."""
+
+
+@config_group.command("show")
+@stage_options
+def config_show(config: str | None, test_mode: bool, output_dir: str | None) -> None:
+    """Print CONFIG as YAML after --set and --output-dir, every field included (defaults too)."""
+    import yaml
+
+    cfg = _config(config, test_mode, output_dir)
+    click.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False), nl=False)
 
 
 @cli.command("config-doc")

@@ -6,6 +6,7 @@ README's configuration reference is generated from the same text (`taskpgm confi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
@@ -494,15 +495,40 @@ def load_config(path: str | os.PathLike | None = None, *, test_mode: bool = Fals
 
 def config_from_dict(data: dict[str, Any], *, source: str | None = None,
                      overrides: dict[str, Any] | None = None) -> Config:
-    """Validate a plain dict (as read from YAML); ``overrides`` are dotted keys, e.g. ``{"train.steps": 5}``."""
-    data = dict(data or {})
-    for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {}) if isinstance(node.get(p), dict) or p not in node else node[p]
-        node[leaf] = value
+    """Validate a plain dict (as read from YAML); ``overrides`` are dotted keys, e.g. ``{"train.steps": 5}``.
+
+    A number indexes a list: ``{"tasks.0.max_examples": 5}``. ``data`` itself is left unchanged.
+    """
+    data = copy.deepcopy(data) if data else {}
     problems: list[str] = []
+    for dotted, value in (overrides or {}).items():
+        keys = dotted.split(".")
+        node: Any = data
+        for depth, key in enumerate(keys):
+            where, last = ".".join(keys[:depth]), depth == len(keys) - 1
+            if isinstance(node, list):
+                if not key.isdigit():
+                    problems.append(f"{dotted}: {where} is a list: index it by position, e.g. {where}.0")
+                    break
+                index, size = int(key), len(node)
+                if index >= size:
+                    have = (f"has {size} entries (indices 0 to {size - 1})" if size > 1 else
+                            "has 1 entry (index 0)" if size == 1 else "is empty")
+                    problems.append(f"{dotted}: index {index} is out of range: {where} {have}")
+                    break
+            elif isinstance(node, dict):
+                index: int | str = key
+                if not last and node.get(key) is None:  # a section left out (or null): start it
+                    node[key] = [] if keys[depth + 1].isdigit() else {}
+            else:
+                problems.append(f"{dotted}: {where} is {node!r}, not a section or a list")
+                break
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+    if problems:
+        raise ConfigError(problems, source)
     cfg = _build(Config, data, "", problems)
     if cfg is not None:
         cfg.config_path = str(Path(source).resolve()) if source else None

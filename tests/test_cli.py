@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import datasets
+import pytest
 
 from taskpgm_ray.cli import main
 
@@ -210,3 +211,59 @@ def test_estimate_without_probes_says_what_to_run(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no finished probe adapter for task(s) 'reverse_a' (expected at " in err
     assert "; run `taskpgm probe CONFIG` (stage 2) or `taskpgm run CONFIG` (every stage) first" in err
+
+
+# --- --set anywhere, list indices, `taskpgm config show` (issue 17) -----------------------------------
+
+
+def _two_tasks(tmp_path):
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}", "response": "r"}) + "\n"
+                                              for i in range(20)))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("output_dir: runs/x\ntasks:\n  - {name: a, source: jsonl, path: a.jsonl}\n"
+                   "  - {name: b, source: jsonl, path: a.jsonl}\n")
+    return cfg
+
+
+def test_set_after_the_command_reaches_a_task_by_index(tmp_path, capsys):
+    cfg = _two_tasks(tmp_path)
+    out = tmp_path / "r"
+    assert main(["tasks", "list", str(cfg), "--set", "tasks.1.max_examples=5", "--output-dir", str(out)]) == 0
+    sizes = {t["name"]: sum(t["sizes"].values()) for t in json.loads((out / "tasks.json").read_text())["tasks"]}
+    assert sizes == {"a": 20, "b": 5}
+
+
+def test_config_show_prints_the_resolved_config_and_it_loads_back(tmp_path, capsys):
+    import yaml
+
+    from taskpgm_ray.config import load_config
+
+    cfg = _two_tasks(tmp_path)
+    assert main(["--set", "train.steps=3", "config", "show", str(cfg), "--set", "train.steps=4",
+                 "--set", "tasks.0.max_examples=7", "--output-dir", "runs/y"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["train"]["steps"] == 4  # after the command wins over before it
+    assert [t["max_examples"] for t in shown["tasks"]] == [7, None]
+    assert shown["output_dir"] == "runs/y" and shown["tracking"]["wandb"] is None and "config_path" not in shown
+    (tmp_path / "resolved.yaml").write_text(yaml.safe_dump(shown))
+    assert load_config(tmp_path / "resolved.yaml").to_dict() == shown
+
+
+@pytest.mark.parametrize("override, message", [
+    ("tasks.2.max_examples=5", "tasks.2.max_examples: index 2 is out of range: tasks has 2 entries (indices 0 to 1)"),
+    ("tasks.name=x", "tasks.name: tasks is a list: index it by position, e.g. tasks.0"),
+    ("output_dir.x=1", "output_dir.x: output_dir is 'runs/x', not a section or a list"),
+    ("tasks.0.max_exampels=5", "tasks[0].max_exampels: unknown key (did you mean 'max_examples'?)"),
+])
+def test_a_bad_override_is_one_line_naming_the_field(tmp_path, capsys, override, message):
+    cfg = _two_tasks(tmp_path)
+    assert main(["config", "show", str(cfg), "--set", override]) == 2
+    assert capsys.readouterr().err == f"taskpgm: error: {cfg}: {message}\n"
+
+
+def test_set_needs_key_and_yaml_value(tmp_path, capsys):
+    cfg = _two_tasks(tmp_path)
+    assert main(["config", "show", str(cfg), "--set", "oops"]) == 2
+    assert "Error: Invalid value for --set: expected KEY=VALUE, got 'oops'" in capsys.readouterr().err
+    assert main(["run", str(cfg), "--set", "train.steps=[1,"]) == 2
+    assert "Error: Invalid value for --set: 'train.steps=[1,': VALUE is not valid YAML" in capsys.readouterr().err

@@ -123,6 +123,21 @@ def test_reference_lists_every_section():
         assert name in ref
 
 
+def test_overrides_index_lists_start_missing_sections_and_leave_the_input_alone():
+    data = {"synthetic": {}, "tasks": [], "tune": {"affinities": ["pmi", "jsd"]}}
+    cfg = config_from_dict(data, overrides={"tune.affinities.1": "pmi", "estimation.stop_when_stable.tol": 0.02})
+    assert cfg.tune.affinities == ["pmi", "pmi"] and cfg.estimation.stop_when_stable.tol == 0.02
+    assert data == {"synthetic": {}, "tasks": [], "tune": {"affinities": ["pmi", "jsd"]}}
+    assert problems(data, overrides={"tasks.0.max_examples": 5}) == [
+        "tasks.0.max_examples: index 0 is out of range: tasks is empty"]
+    assert problems(data, overrides={"tune.affinities.2": "pmi", "tune.kernels.1": "exp"}) == [
+        "tune.affinities.2: index 2 is out of range: tune.affinities has 2 entries (indices 0 to 1)",
+        "tune.kernels.1: index 1 is out of range: tune.kernels is empty"]
+    one = {"synthetic": {}, "tune": {"kernels": ["psd"]}}
+    assert problems(one, overrides={"tune.kernels.3": "exp"}) == [
+        "tune.kernels.3: index 3 is out of range: tune.kernels has 1 entry (index 0)"]
+
+
 def test_tracking_defaults_are_null_meaning_from_the_environment():
     cfg = config_from_dict(BASE)
     assert (cfg.tracking.wandb, cfg.tracking.project, cfg.tracking.group) == (None, None, None)
