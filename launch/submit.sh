@@ -10,7 +10,10 @@
 # The cluster's job API is RAY_API_SERVER_ADDRESS, else RAY_ADDRESS, else http://127.0.0.1:8265
 # (where `ray dashboard clusters/aws-gpu.yaml` or `kubectl port-forward` puts it).
 # The repository is uploaded as the job's working directory (.git, .venv, runs/, data/, wandb/ left
-# out), so the nodes run this checkout's code whether or not taskpgm_ray is installed there.
+# out), so the nodes run this checkout's code whether or not taskpgm_ray is installed there. Data and
+# results do not travel with it: the upload is a temporary copy on the cluster, and data/ can be large.
+# On a multi-node cluster put data files on the shared mount (/mnt/taskpgm/data, absolute paths in the
+# config; or hub datasets) and the run's output_dir under /mnt/taskpgm (README "Run on a cluster").
 #
 # Authentication: RAY_AUTH_MODE=token with the cluster's token from RAY_AUTH_TOKEN,
 # RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.

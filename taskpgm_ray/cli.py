@@ -108,18 +108,22 @@ def tasks_list(config: str | None, test_mode: bool, output_dir: str | None) -> N
 
 @tasks.command("synth")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Directory to write.")
-@click.option("--seed", default=7, show_default=True, type=int, help="Suite seed.")
+@click.option("--spec", "spec_path", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Suite spec (skills, templates, sizes, roles); default: the shipped one.")
+@click.option("--seed", default=None, type=int, help="Suite seed (default: the spec's, else 7).")
 @click.option("--scale", default=1.0, show_default=True, type=float, help="Multiply every task size.")
-def tasks_synth(out: str, seed: int, scale: float) -> None:
+def tasks_synth(out: str, spec_path: str | None, seed: int | None, scale: float) -> None:
     """Write the synthetic benchmark suite as HF DatasetDicts (train / validation / test)."""
-    from taskpgm_ray.tasks.synthetic import write_suite
+    from taskpgm_ray.tasks.synthetic import load_spec, write_suite
 
     if scale <= 0:
         raise click.BadParameter(f"must be > 0, got {scale}", param_hint="--scale")
-    manifest = write_suite(out, seed, scale=scale)
+    spec = load_spec(spec_path)
+    seed = seed if seed is not None else (spec.seed if spec.seed is not None else 7)
+    manifest = write_suite(out, seed, scale=scale, spec=spec)
     for t in manifest["tasks"]:
-        click.echo(f"{t['name']:<10} {t['role']:<15} train={t['sizes']['train']:<5} "
-                   f"validation={t['sizes']['validation']} test={t['sizes']['test']}")
+        click.echo(f"{t['name']:<10} {t['skill']:<8} {t['role']:<15} score={str(t['score']).lower():<5} "
+                   f"train={t['sizes']['train']:<5} validation={t['sizes']['validation']} test={t['sizes']['test']}")
     click.echo(f"wrote {len(manifest['tasks'])} tasks to {out} (manifest: {Path(out) / 'suite.json'})")
 
 

@@ -20,6 +20,7 @@ import yaml
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TEST_CONFIG = SHIPPED_CONFIGS / "test.yaml"
+BUILTIN_MODEL_NAMES = ("synthetic-base",)  # shipped with the package: taskpgm_ray.models.BUILTIN_MODELS
 
 
 class ConfigError(ValueError):
@@ -65,14 +66,18 @@ class TaskConfig:
     split: str | None = doc("for hub/disk DatasetDicts: the split used for train/probe (default 'train')", None)
     max_examples: int | None = doc("keep at most this many training examples (seeded choice)", None)
     utility: float | None = doc("optional user-given per-task utility for the energy's unary term", None)
+    score: bool = doc("count this task in Tune's selection metric and `taskpgm compare` (false: e.g. known noise)",
+                      True)
 
 
 @dataclass
 class SyntheticConfig:
     """The synthetic benchmark suite with planted structure (generated offline, deterministically)."""
 
-    seed: int = doc("suite seed: same seed, same data", 7)
-    scale: float = doc("multiplies every task size (1.0: 64x skew between largest and smallest)", 1.0)
+    spec: str | None = doc("suite spec file (skills, templates, sizes, roles); null: the shipped default "
+                           "(taskpgm_ray/tasks/specs/default.yaml); relative to the config file", None)
+    seed: int = doc("suite seed: same spec and seed, same data", 7)
+    scale: float = doc("multiplies every task size (default spec at 1.0: 64x skew between largest and smallest)", 1.0)
     include: list[str] | None = doc("only these suite tasks (default: all)", None)
 
 
@@ -103,7 +108,8 @@ class TinyModelConfig:
 class ModelConfig:
     """The base model: proxies are LoRA adapters on it, and the target fine-tune starts from it."""
 
-    name: str = doc("'tiny' (built from `tiny`, offline) or a hub id / local path for AutoModelForCausalLM", "tiny")
+    name: str = doc("'synthetic-base' (the small pretrained base shipped for the synthetic world), 'tiny' "
+                    "(random init from `tiny`), or a hub id / local path for AutoModelForCausalLM", "tiny")
     tokenizer: str = doc("'byte' (offline byte-level tokenizer) or a hub id / local path", "byte")
     max_length: int = doc("truncate prompt+response to this many tokens", 128)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc(
@@ -382,6 +388,12 @@ def _check(cfg: Config, problems: list[str]) -> None:
     base = Path(cfg.config_path).parent if cfg.config_path else Path.cwd()
     if not cfg.tasks and cfg.synthetic is None:
         problems.append("tasks: no tasks: give `tasks` or `synthetic`")
+    if cfg.synthetic is not None and cfg.synthetic.spec is not None:
+        spec = resolve_path(cfg, cfg.synthetic.spec)
+        if not spec.exists():
+            problems.append(f"synthetic.spec: file not found: {spec}")
+    if cfg.synthetic is not None and isinstance(cfg.synthetic.scale, float) and cfg.synthetic.scale <= 0:
+        problems.append(f"synthetic.scale: must be > 0, got {cfg.synthetic.scale}")
     seen: dict[str, int] = {}
     for i, t in enumerate(cfg.tasks):
         if t is None:
@@ -413,8 +425,9 @@ def _check(cfg: Config, problems: list[str]) -> None:
             problems.append(
                 f"model.tiny.num_heads: hidden_size {m.tiny.hidden_size} is not divisible by {m.tiny.num_heads}"
             )
-    if m.name != "tiny" and cfg.is_offline and not Path(m.name).exists():
-        problems.append(f"model.name: {m.name!r} is neither 'tiny' nor a local path, and we are offline")
+    if m.name not in ("tiny", *BUILTIN_MODEL_NAMES) and cfg.is_offline and not Path(m.name).exists():
+        problems.append(f"model.name: {m.name!r} is neither 'tiny', a builtin model "
+                        f"({', '.join(BUILTIN_MODEL_NAMES)}) nor a local path, and we are offline")
     if isinstance(m.max_length, int) and m.max_length < 8:
         problems.append(f"model.max_length: must be >= 8, got {m.max_length}")
     e = cfg.energy

@@ -1,13 +1,16 @@
-"""The shipped cluster configs and launch scripts: valid for Ray and KubeRay, loopback, authenticated, secret-free.
+"""The shipped cluster configs and launch scripts: valid for Ray and KubeRay, loopback, authenticated, secret-free,
+and every multi-node config with shared storage where Ray Train writes.
 
 Fast (no cluster is started): the cluster-launcher YAMLs are checked against Ray's own schema and
-config preparation, the KubeRay manifests against the fields the operator requires.
+config preparation, the KubeRay manifests against the fields the operator requires, and the run each
+multi-node config documents is traced through the real ``build_trainer`` to its Ray Train ``storage_path``.
 """
 
 import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,12 @@ REPO = Path(__file__).resolve().parents[1]
 LAUNCHER_YAMLS = ["clusters/aws-gpu.yaml", "clusters/gcp-gpu.yaml", "clusters/local.yaml"]
 RAYCLUSTER_YAML = "clusters/kuberay-raycluster.yaml"
 RAYJOB_YAML = "launch/rayjob.yaml"
+PVC_YAML = "clusters/kuberay-pvc.yaml"
+FILES_POD_YAML = "launch/files-pod.yaml"
 ALL_YAMLS = [*LAUNCHER_YAMLS, RAYCLUSTER_YAML, RAYJOB_YAML]
+CLOUD_LAUNCHER_YAMLS = ["clusters/aws-gpu.yaml", "clusters/gcp-gpu.yaml"]
+MULTI_NODE_YAMLS = [*CLOUD_LAUNCHER_YAMLS, RAYCLUSTER_YAML, RAYJOB_YAML]
+SHARED = "/mnt/taskpgm"  # where every multi-node config mounts its shared file system
 SHELL_SCRIPTS = ["launch/submit.sh", "launch/local_cluster.sh"]
 SHIPPED_FILES = sorted(
     str(p.relative_to(REPO)) for d in ("clusters", "launch") for p in (REPO / d).rglob("*") if p.is_file()
@@ -175,6 +183,9 @@ def test_shipped_images_match_the_installed_ray():
         ("clusters/Dockerfile", "docker build -f clusters/Dockerfile"),
         ("launch/submit.sh", "launch/submit.sh"),
         ("launch/local_cluster.sh", "launch/local_cluster.sh start"),
+        (PVC_YAML, f"kubectl apply -f {PVC_YAML}"),
+        (FILES_POD_YAML, f"kubectl apply -f {FILES_POD_YAML}"),
+        ("configs/gpu-8b.yaml", "launch/submit.sh configs/gpu-8b.yaml"),
     ],
 )
 def test_file_opens_with_the_command_that_uses_it(path, command):
@@ -249,3 +260,108 @@ def test_submit_without_config_says_what_is_missing():
     assert "missing CONFIG" in result.stderr
     usage = subprocess.run([str(REPO / "launch/submit.sh"), "--help"], capture_output=True, text=True)
     assert usage.returncode == 0 and "launch/submit.sh [--wait]" in usage.stdout
+
+
+def test_request_gpus_says_how_to_use_it():
+    text = (REPO / "launch/request_gpus.py").read_text()
+    assert 'launch/submit.sh --wait --command "python launch/request_gpus.py" 16' in text
+    result = subprocess.run([sys.executable, str(REPO / "launch/request_gpus.py"), "--help"], capture_output=True,
+                            text=True)
+    assert result.returncode == 0 and "0: release the request" in result.stdout
+
+
+# --- Shared storage where Ray Train writes (issue 17) -----------------------------------------------
+
+
+@pytest.mark.parametrize("path", CLOUD_LAUNCHER_YAMLS)
+def test_launcher_yaml_mounts_shared_storage_on_every_node_and_in_the_container(path):
+    config = load(path)
+    # initialization_commands run on every node's host before Docker starts (Ray's schema says so).
+    schema = ray_schema()["properties"]["initialization_commands"]["description"]
+    assert "outside the container" in schema
+    init = " ".join(config["initialization_commands"])
+    assert f"mountpoint -q {SHARED} ||" in init  # idempotent: a re-run of `ray up` keeps the mount
+    assert re.search(rf"sudo mount -t nfs4? -o \S+ \S+:/\S* {SHARED};", init), f"{path}: no NFS mount at {SHARED}"
+    assert f"chmod 1777 {SHARED}" in init  # the container's `ray` user writes there
+    for name, node_type in config["available_node_types"].items():
+        assert "initialization_commands" not in node_type, f"{path}: {name} replaces the mount commands"
+        assert "run_options" not in node_type.get("docker", {}), f"{path}: {name} replaces the bind mount"
+    assert f"--volume {SHARED}:{SHARED}" in config["docker"]["run_options"]
+
+
+def _pod_specs(spec: dict) -> list[tuple[str, dict]]:
+    return [("head", spec["headGroupSpec"]["template"]["spec"])] + [
+        (g["groupName"], g["template"]["spec"]) for g in spec["workerGroupSpecs"]]
+
+
+@pytest.mark.parametrize("path", [RAYCLUSTER_YAML, RAYJOB_YAML])
+def test_kuberay_head_and_every_worker_mount_the_shared_claim(path):
+    manifest = load(path)
+    spec = manifest["spec"] if manifest["kind"] == "RayCluster" else manifest["spec"]["rayClusterSpec"]
+    pvc = load(PVC_YAML)
+    assert pvc["kind"] == "PersistentVolumeClaim" and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    for group, pod in _pod_specs(spec):
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        ray_container = pod["containers"][0]
+        mounts = [m for m in ray_container.get("volumeMounts", []) if m["mountPath"] == SHARED]
+        assert len(mounts) == 1, f"{path}: {group} does not mount {SHARED}"
+        claim = volumes[mounts[0]["name"]]["persistentVolumeClaim"]
+        assert claim["claimName"] == pvc["metadata"]["name"] and not claim.get("readOnly"), (path, group)
+
+
+def _documented_run(path: str) -> tuple[str, list[str]]:
+    """The config (and extra taskpgm args) that a multi-node config's header or entrypoint runs."""
+    if path == RAYJOB_YAML:
+        words = load(path)["spec"]["entrypoint"].split()
+        assert words[:2] == ["taskpgm", "run"]
+        return words[2], words[3:]
+    match = re.search(r"launch/submit\.sh (configs/\S+\.yaml)((?: --\S+ \S+)*)", header(path))
+    assert match, f"{path}: the header does not show the launch/submit.sh CONFIG it runs"
+    return match.group(1), match.group(2).split()
+
+
+@pytest.mark.parametrize("path", MULTI_NODE_YAMLS)
+def test_ray_train_storage_path_of_the_documented_run_is_on_the_shared_mount(path, monkeypatch):
+    """Traced through the real build_trainer: storage_path = <output_dir>/train/ray, under the shared mount."""
+    import types
+
+    import ray.train.torch
+
+    import taskpgm_ray.models
+    from taskpgm_ray.cli import main
+    from taskpgm_ray.config import load_config
+    from taskpgm_ray.train import launch
+
+    config_path, extra = _documented_run(path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # the shipped GPU configs name hub models and datasets
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # no W&B group file on a mount this machine lacks
+    cfg = load_config(REPO / config_path)
+    args = dict(zip(extra[::2], extra[1::2]))
+    if "--output-dir" in args:
+        cfg.output_dir = args["--output-dir"]
+    assert set(args) <= {"--output-dir"}, args
+    assert cfg.output_dir.startswith(SHARED + "/"), f"{config_path}: output_dir {cfg.output_dir} is not on {SHARED}"
+    # Data reaches the cluster: hub datasets, or files on the shared mount (data/ is not uploaded).
+    for task in cfg.tasks:
+        assert task.source == "hub" or task.path.startswith(SHARED + "/"), (config_path, task.name)
+    assert main(["config", "show", str(REPO / config_path)]) == 0
+
+    captured = {}
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", lambda *a, **kw: captured.update(kw) or kw)
+    monkeypatch.setattr(launch, "validate_mixture", lambda weights, tasks, cfg: dict(weights))
+    monkeypatch.setattr(taskpgm_ray.models, "ensure_run_tokenizer", lambda model, out: Path(out) / "tokenizer")
+    tasks = [types.SimpleNamespace(name=t.name, train=[], eval=[]) for t in cfg.tasks]
+    launch.build_trainer(cfg, tasks, {t.name: 1 / len(tasks) for t in tasks}, run_dir=cfg.output_dir)
+    storage = captured["run_config"].storage_path
+    assert storage == f"{cfg.output_dir}/train/ray" and storage.startswith(SHARED + "/"), (path, storage)
+    assert captured["scaling_config"].use_gpu and captured["scaling_config"].num_workers > 1
+
+
+def test_gpu_config_opens_with_its_command_and_batch_arithmetic():
+    text = header("configs/gpu-8b.yaml")
+    assert "Qwen/Qwen3-0.6B-Base" in text  # the proxy, named until the config can hold it
+    assert re.search(r"16 workers x micro-batch 1 x 8 accum = 128 examples per step", text)
+    cfg = yaml.safe_load((REPO / "configs/gpu-8b.yaml").read_text())
+    train = cfg["train"]
+    assert train["num_workers"] * train["micro_batch_size"] * train["grad_accum"] == 128
+    assert f"x {train['steps']:,} steps = {128 * train['steps']:,} examples" in text

@@ -9,7 +9,7 @@ import pytest
 
 from taskpgm_ray.config import config_from_dict
 from taskpgm_ray.tasks import TaskError, load_tasks, write_manifest
-from taskpgm_ray.tasks.synthetic import SUITE, write_suite
+from taskpgm_ray.tasks.synthetic import SKILLS, SpecError, load_spec, write_suite
 
 ROWS = [{"q": f"question {i}", "a": f"answer {i}", "extra": i} for i in range(40)]
 
@@ -132,7 +132,7 @@ def _suite_hashes(tmp_path, seed, name):
     out = tmp_path / name
     write_suite(out, seed, scale=0.1)
     cfg = config_from_dict({"output_dir": str(tmp_path / "r"), "tasks": [
-        {"name": t.name, "source": "disk", "path": str(out / t.name)} for t in SUITE]})
+        {"name": t.name, "source": "disk", "path": str(out / t.name)} for t in load_spec().tasks]})
     return [t.hash for t in load_tasks(cfg)]
 
 
@@ -156,3 +156,62 @@ def test_test_mode_tasks_and_manifest(tmp_path, test_config_dict):
     assert set(data["tasks"][0]) == {"name", "source", "sizes", "hash"}
     assert set(data["tasks"][0]["sizes"]) == {"train", "probe", "eval"}
     assert [t["hash"] for t in data["tasks"]] == [t.hash for t in load_tasks(cfg)]  # stable on reload
+
+
+SPEC = """
+format: taskpgm-suite-spec/1
+alphabet: mnopqrst
+eval_size: 8
+tasks:
+  - {name: s1, skill: sort, template: "order {x} ->", size: 40, role: near_duplicate}
+  - {name: s2, skill: sort, template: "{x} sorted is", size: 40, role: near_duplicate}
+  - {name: junk, skill: random, template: "??? {x}", size: 30, role: noise}
+  - {name: sw, skill: swap, template: "swap {x}:", size: 20, role: high_value, score: false}
+"""
+
+
+def test_any_spec_writes_a_suite_and_its_flags_reach_the_tasks(tmp_path):
+    (tmp_path / "spec.yaml").write_text(SPEC)
+    cfg = config_from_dict({"output_dir": str(tmp_path / "run"),
+                            "synthetic": {"spec": "spec.yaml", "seed": 3, "scale": 1.0}},
+                           source=str(tmp_path / "c.yaml"))
+    loaded = load_tasks(cfg)
+    assert [t.name for t in loaded] == ["s1", "s2", "junk", "sw"]
+    assert [t.score for t in loaded] == [True, True, False, False]  # noise unscored by default; sw by the spec
+    ex = loaded[0].train[0]
+    x = ex.prompt.removeprefix("order ").removesuffix(" ->")
+    assert set(x) <= set("mnopqrst") and ex.response == " " + "".join(sorted(x))
+    sw = loaded[3].train[0]
+    x = sw.prompt.removeprefix("swap ").removesuffix(":")
+    assert sw.response == " " + x[-1] + x[1:-1] + x[0]
+
+
+@pytest.mark.parametrize("skill, x, y", [
+    ("copy", "abc", "abc"), ("reverse", "abcd", "dcba"), ("sort", "cab", "abc"), ("shift", "akl", "bla"),
+    ("rotate", "abcd", "bcda"), ("double", "ab", "aabb"), ("swap", "abcd", "dbca"), ("length", "abcde", "5"),
+    ("count", "b in abcbb", "3"), ("add", "12+30", "42")])
+def test_each_skill_is_what_it_says(skill, x, y):
+    import random
+
+    assert SKILLS[skill].solve(x, random.Random(0), "abcdefghijkl") == y
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("skill: sort,", "skill: sortt,", "tasks[0].skill: unknown skill 'sortt' (did you mean 'sort'?)"),
+    ("order {x} ->", "order {y} ->", "tasks[0].template: must be a string with exactly one '{x}' and no other fields"),
+    ("size: 40", "size: -1", "tasks[0].size: must be an integer >= 1, got -1"),
+    ("role: near_duplicate", "role: duplicate", "tasks[0].role: must be one of near_duplicate, low_value"),
+    ("alphabet: mnopqrst", "alphabet: MNOP", "alphabet: must be at least 4 distinct lowercase letters, got 'MNOP'"),
+])
+def test_bad_spec_names_the_file_and_field(tmp_path, old, new, message):
+    (tmp_path / "spec.yaml").write_text(SPEC.replace(old, new, 1))
+    with pytest.raises(SpecError) as info:
+        load_spec(tmp_path / "spec.yaml")
+    assert str(info.value).startswith(f"{tmp_path / 'spec.yaml'}: {message}")
+
+
+def test_missing_spec_is_a_config_error(tmp_path):
+    from taskpgm_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"synthetic.spec: file not found: .*nope.yaml"):
+        config_from_dict({"synthetic": {"spec": "nope.yaml"}}, source=str(tmp_path / "c.yaml"))

@@ -47,6 +47,7 @@ class TaskData:
     eval: list[Example]
     test: list[Example] = field(default_factory=list)
     utility: float | None = None
+    score: bool = True  # counted in the selection metric and `taskpgm compare`
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -150,7 +151,7 @@ def load_task(tc: TaskConfig, cfg: Config) -> TaskData:
         raise TaskError(f"task {tc.name!r}: {len(leaks)} validation example(s) also appear in train "
                         f"(e.g. {leaks[0].id}); de-duplicate the source")
     test = _format(test_rows, tc, "test") if test_rows is not None else []
-    return TaskData(tc.name, tc.source, train, probe, eval_, test, tc.utility)
+    return TaskData(tc.name, tc.source, train, probe, eval_, test, tc.utility, tc.score)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -161,16 +162,17 @@ def task_configs(cfg: Config) -> list[TaskConfig]:
     """The configured tasks, with the synthetic suite (written under ``output_dir/data``) appended."""
     tasks = list(cfg.tasks)
     if cfg.synthetic is not None:
-        from taskpgm_ray.tasks.synthetic import ensure_suite
+        from taskpgm_ray.tasks.synthetic import ensure_suite, load_spec
 
         sc = cfg.synthetic
-        suite_dir = Path(cfg.output_dir).resolve() / "data" / f"synthetic-{sc.seed}"
-        manifest = ensure_suite(suite_dir, sc.seed, scale=sc.scale, include=sc.include)
+        spec = load_spec(resolve_path(cfg, sc.spec) if sc.spec else None)
+        suite_dir = Path(cfg.output_dir).resolve() / "data" / f"synthetic-{sc.seed}-{spec.hash[:8]}"
+        manifest = ensure_suite(suite_dir, sc.seed, scale=sc.scale, include=sc.include, spec=spec)
         taken = {t.name for t in tasks}
         for t in manifest["tasks"]:
             if t["name"] in taken:
                 raise TaskError(f"task {t['name']!r}: defined in tasks and in the synthetic suite; rename one")
-            tasks.append(TaskConfig(name=t["name"], source="disk", path=str(suite_dir / t["name"])))
+            tasks.append(TaskConfig(name=t["name"], source="disk", path=str(suite_dir / t["name"]), score=t["score"]))
     return tasks
 
 
