@@ -156,6 +156,16 @@ def test_offline_runs_of_one_pipeline_share_a_group_and_trials_carry_their_hyper
                                                 "weight_unit": "examples"}
 
 
+def test_trial_tracking_travels_to_train_workers_intact(clean_env, tmp_path):
+    """It rides in train_loop_config, pickled by Ray; on the worker it resolves to itself."""
+    import ray.cloudpickle as cloudpickle
+
+    tracked = trial_tracking(TrackingConfig(), tmp_path, *TRIALS[0])
+    back = cloudpickle.loads(cloudpickle.dumps(tracked))
+    assert back == tracked and resolve_tracking(back, tmp_path / "tune" / "trials" / "t0") == tracked
+    assert not (tmp_path / "tune").exists()  # a trial joins the pipeline's group, it makes none of its own
+
+
 def test_disabled_makes_no_run_and_no_files(clean_env, tmp_path):
     clean_env.setenv("WANDB_MODE", "disabled")
     with wandb_run(TrackingConfig(), tmp_path / "r", job_type="estimate") as run:
