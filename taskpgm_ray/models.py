@@ -17,6 +17,31 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100  # label for prompt and padding tokens: no loss, no log-likelihood
+# Models shipped with the package, by name: the small pretrained base of the synthetic world
+# (reproduced by scripts/pretrain_base.py).
+BUILTIN_MODELS = {"synthetic-base": Path(__file__).resolve().parent / "assets" / "synthetic-base"}
+
+
+def resolve_model_name(name: str) -> str:
+    """A builtin model's directory, else ``name`` unchanged (a hub id or a local path)."""
+    return str(BUILTIN_MODELS[name]) if name in BUILTIN_MODELS else name
+
+
+def model_fingerprint(cfg: ModelConfig) -> str:
+    """What identifies the weights behind ``cfg`` for cache keys: the config for 'tiny', file contents for a
+    local checkpoint (so re-pretraining the builtin base invalidates every adapter and score), else the name."""
+    import hashlib
+
+    if cfg.name == "tiny":
+        return ""
+    path = Path(resolve_model_name(cfg.name))
+    if not path.is_dir():
+        return cfg.name
+    h = hashlib.sha256()
+    for f in sorted(path.glob("*.json")) + sorted(path.glob("*.safetensors")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes() if f.stat().st_size < 64 << 20 else str(f.stat().st_mtime_ns).encode())
+    return h.hexdigest()[:16]
 
 
 def build_byte_tokenizer() -> PreTrainedTokenizerBase:
@@ -78,13 +103,14 @@ def _dtype(cfg: ModelConfig, on_gpu: bool) -> torch.dtype:
 
 
 def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, on_gpu: bool = False) -> PreTrainedModel:
-    """The base causal LM: a tiny Llama built from ``cfg.tiny`` (seeded, offline) or ``from_pretrained``."""
+    """The base causal LM: a tiny Llama built from ``cfg.tiny`` (seeded, offline), or ``from_pretrained`` of a
+    builtin model (``BUILTIN_MODELS``), a local path or a hub id."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     dtype = _dtype(cfg, on_gpu)
     if cfg.name != "tiny":
-        return AutoModelForCausalLM.from_pretrained(cfg.name, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(resolve_model_name(cfg.name), dtype=dtype)
     t = cfg.tiny
     config = LlamaConfig(
         vocab_size=len(tokenizer),

@@ -40,9 +40,12 @@ class ProbeError(RuntimeError):
 
 
 def probe_hash(task: TaskData, probes: ProbeConfig, model: ModelConfig) -> str:
-    """Content hash of what determines an adapter: task data, proxy settings, base model."""
+    """Content hash of what determines an adapter: task data, proxy settings, base model (and its weights)."""
+    from taskpgm_ray.models import model_fingerprint
+
     settings = {k: v for k, v in asdict(probes).items() if k not in _NOT_HASHED}
-    blob = json.dumps({"task": task.hash, "probe": settings, "model": asdict(model)}, sort_keys=True)
+    blob = json.dumps({"task": task.hash, "probe": settings, "model": asdict(model),
+                       "weights": model_fingerprint(model)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -76,6 +79,7 @@ def train_probe(task_name: str, pairs: list[tuple[str, str]], probes: dict, mode
         raise RuntimeError(f"injected failure for task {task_name!r} ({FAIL_ENV})")
     pc = ProbeConfig(**probes)
     mc = ModelConfig(**{**model, "tiny": TinyModelConfig(**model["tiny"])})
+    torch.set_num_threads(max(1, int(pc.num_cpus)))  # as many threads as CPUs Ray gave us: more oversubscribes
     on_gpu = pc.num_gpus > 0 and torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"
     t0 = time.perf_counter()
