@@ -6,6 +6,14 @@ Pure numpy (no Ray, torch or scipy). The pipeline, in order:
     --minimize_energy--> p on the simplex minimising (lam/2) p^T S~ p - beta u^T p
 """
 
+from taskpgm_ray.mixture.active import (
+    LikelihoodCompletion,
+    MixtureCertainty,
+    complete_likelihoods,
+    initial_pairs,
+    mixture_certainty,
+    next_pairs,
+)
 from taskpgm_ray.mixture.affinity import (
     compress_topk,
     jsd_affinity,
@@ -26,16 +34,22 @@ __all__ = [
     "BlockLowRank",
     "BootstrapResult",
     "BudgetedSelection",
+    "LikelihoodCompletion",
+    "MixtureCertainty",
     "MixtureSolution",
     "baseline_weights",
     "bootstrap_weights",
+    "complete_likelihoods",
     "compress_topk",
     "energy_matrix",
     "exp_kernel",
+    "initial_pairs",
     "jsd_affinity",
     "jsd_from_topk",
     "jsd_similarity",
     "minimize_energy",
+    "mixture_certainty",
+    "next_pairs",
     "pairwise_jsd_sum",
     "pairwise_jsd_sum_topk",
     "pmi_affinity",
