@@ -12,9 +12,10 @@ from pathlib import Path
 
 import click
 
-from taskpgm_ray.config import Config, ConfigError, load_config
+from taskpgm_ray.config import Config, ConfigError, EnergyConfig, load_config
 
 EXIT_BAD_INPUT = 2
+_ENERGY = EnergyConfig()  # the config's energy defaults are also the `solve` command's
 
 
 SET_HELP = ("Override a config field, e.g. --set train.steps=50 or --set tasks.0.max_examples=500 "
@@ -156,10 +157,16 @@ def probe(config: str | None, test_mode: bool, output_dir: str | None) -> None:
 @cli.command()
 @stage_options
 def estimate(config: str | None, test_mode: bool, output_dir: str | None) -> None:
-    """Stages 3-4: every proxy scores every probe set; writes likelihoods.npz and the default mixture."""
+    """Stages 3-5: every proxy scores every probe set; likelihoods.npz, signal checks and the energy's mixture."""
     from taskpgm_ray.distributed.estimation import estimate_command
+    from taskpgm_ray.pipeline import select_mixture
 
-    estimate_command(_config(config, test_mode, output_dir))
+    cfg = _config(config, test_mode, output_dir)
+    result = estimate_command(cfg)
+    path = select_mixture(cfg.output_dir, tune=False)
+    for line in result["signal"]["warnings"]:
+        click.echo(f"warning: {line}", err=True)
+    click.echo(f"wrote {path} (signal checks: {Path(cfg.output_dir) / 'estimate' / 'signal.json'})")
 
 
 @cli.command()
@@ -178,7 +185,7 @@ def train(config: str | None, test_mode: bool, output_dir: str | None, mixture_p
 @stage_options
 def tune_cmd(config: str | None, test_mode: bool, output_dir: str | None) -> None:
     """Stage 7: Ray Tune over the energy hyperparameters (needs a finished estimate)."""
-    from taskpgm_ray.pipeline import Pipeline, load_sums
+    from taskpgm_ray.pipeline import Pipeline, load_sums, select_mixture
     from taskpgm_ray.tune import run_tune, write_best_mixture
 
     cfg = _config(config, test_mode, output_dir)
@@ -187,10 +194,30 @@ def tune_cmd(config: str | None, test_mode: bool, output_dir: str | None) -> Non
     if not (out / "likelihoods.npz").exists():
         raise click.UsageError(f"{out / 'likelihoods.npz'} not found: run `taskpgm estimate` first")
     result = run_tune(cfg, pipe.tasks, load_sums(out))
-    write_best_mixture(result["best"], pipe.tasks, out / "mixture.json", inputs_hash=pipe.tune_key())
+    write_best_mixture(result["best"], pipe.tasks, out / "tune" / "best.json", inputs_hash=pipe.tune_key(),
+                       weight_unit=cfg.train.weight_unit)
+    select_mixture(out, tune=True)
     best = result["best"]
     click.echo(f"best: {best['method']} {best['hyperparameters']} validation loss {best['validation_loss']:.4f}; "
                f"{len(result['trials'])} trials in {out / 'tune' / 'results.json'}")
+
+
+@cli.command()
+@stage_options
+@click.option("--mixture", "mixtures", multiple=True, type=click.Path(dir_okay=False, exists=True),
+              help="Also compare this mixture file (repeatable; named by its file stem).")
+@click.option("--seeds", "seeds", multiple=True, type=int,
+              help="Fine-tune seeds (repeatable, e.g. --seeds 0 --seeds 1; default: train.seed).")
+def compare(config: str | None, test_mode: bool, output_dir: str | None, mixtures: tuple[str, ...],
+            seeds: tuple[int, ...]) -> None:
+    """The run's TaskPGM mixture vs uniform, size and temperature: same budget, scored on the test split."""
+    from taskpgm_ray.compare import compare_command
+
+    cfg = _config(config, test_mode, output_dir)
+    results = compare_command(cfg, mixtures=list(mixtures), seeds=list(seeds) or None)
+    out = Path(cfg.output_dir) / "compare"
+    click.echo((out / "summary.md").read_text().rstrip())
+    click.echo(f"wrote {out / 'results.json'} and {out / 'compare.png'} ({results['seconds']:.0f}s)")
 
 
 @cli.command()
@@ -200,29 +227,46 @@ def tune_cmd(config: str | None, test_mode: bool, output_dir: str | None) -> Non
 @click.option("--affinity", type=click.Choice(["pmi", "jsd"]), default="pmi", show_default=True)
 @click.option("--jsd", "jsd_path", type=click.Path(dir_okay=False), default=None,
               help="jsd.npz for --affinity jsd (default: beside the likelihoods).")
-@click.option("--kernel", type=click.Choice(["psd", "exp"]), default="psd", show_default=True)
-@click.option("--tau", type=float, default=1.0, show_default=True, help="exp-kernel temperature.")
-@click.option("--beta", type=float, default=1.0, show_default=True, help="Weight of the unary term.")
-@click.option("--lam", type=float, default=1.0, show_default=True, help="Weight of the pairwise term.")
+@click.option("--kernel", type=click.Choice(["psd", "clip", "exp"]), default=_ENERGY.kernel, show_default=True)
+@click.option("--tau", type=float, default=_ENERGY.tau, show_default=True, help="exp-kernel temperature.")
+@click.option("--unary", type=click.Choice(["representativeness", "information"]), default=_ENERGY.unary,
+              show_default=True, help="information needs the signal arrays `taskpgm estimate` writes.")
+@click.option("--normalize/--no-normalize", default=_ENERGY.normalize, show_default=True,
+              help="Scale the kernel to mean diagonal 1 and the unary to max |u| = 1.")
+@click.option("--prior", type=click.Choice(["none", "uniform", "size", "temperature"]), default=_ENERGY.prior,
+              show_default=True, help="Baseline mixture the energy leans towards (size/temperature need sizes).")
+@click.option("--prior-temperature", type=float, default=_ENERGY.prior_temperature, show_default=True)
+@click.option("--prior-strength", type=float, default=_ENERGY.prior_strength, show_default=True)
+@click.option("--floor", type=float, default=_ENERGY.floor, show_default=True,
+              help="Every task gets at least FLOOR / n (0: none).")
+@click.option("--beta", type=float, default=_ENERGY.beta, show_default=True, help="Weight of the unary term.")
+@click.option("--lam", type=float, default=_ENERGY.lam, show_default=True, help="Weight of the pairwise term.")
 @click.option("--method", type=click.Choice(["exact", "closed_form", "first_order", "blocks"]), default="exact",
               show_default=True)
 @click.option("--budget", type=int, default=None, help="Choose at most K tasks (budgeted greedy).")
 @click.option("--min-weight", type=float, default=None, help="Per-task minimum weight.")
 @click.option("--max-weight", type=float, default=None, help="Per-task maximum weight.")
-def solve(lik_path: str, out: str, affinity: str, jsd_path: str | None, kernel: str, tau: float, beta: float,
-          lam: float, method: str, budget: int | None, min_weight: float | None, max_weight: float | None) -> None:
-    """Stage 5 alone: the mixture from a saved likelihood matrix."""
+def solve(lik_path: str, out: str, affinity: str, jsd_path: str | None, kernel: str, tau: float, unary: str,
+          normalize: bool, prior: str, prior_temperature: float, prior_strength: float, floor: float, beta: float,
+          lam: float,
+          method: str, budget: int | None, min_weight: float | None, max_weight: float | None) -> None:
+    """Stage 5 alone: the mixture from a saved likelihood matrix.
+
+    The paper's energy exactly: --kernel psd --unary representativeness --no-normalize --prior none --floor 0.
+    """
     import dataclasses
     import hashlib
 
     from taskpgm_ray.config import config_from_dict
     from taskpgm_ray.distributed.solve import solve_from_sums
-    from taskpgm_ray.mixture_file import load_likelihoods, read_npz, write_mixture
+    from taskpgm_ray.mixture_file import load_information_gain, load_likelihoods, read_npz, write_mixture
 
     if not beta >= 0:  # E(p) = (lam/2) p^T S p - beta u^T p: beta < 0 rewards leaving out the tasks u favours
         raise ValueError(f"--beta must be >= 0, got {beta:g} (a negative beta turns the unary term upside down)")
-    energy = {"affinity": affinity, "kernel": kernel, "tau": tau, "beta": beta, "lam": lam, "method": method,
-              "budget": budget, "min_weight": min_weight, "max_weight": max_weight}
+    energy = {"affinity": affinity, "kernel": kernel, "tau": tau, "unary": unary, "normalize": normalize,
+              "prior": prior, "prior_temperature": prior_temperature, "prior_strength": prior_strength, "floor": floor,
+              "beta": beta, "lam": lam, "method": method, "budget": budget, "min_weight": min_weight,
+              "max_weight": max_weight}
     # The same validation as a config file's energy section, so the same mistakes get the same messages.
     checked = config_from_dict({"tasks": [], "synthetic": {}, "energy": energy,
                                 "estimation": {"jsd": True}}).energy
@@ -240,8 +284,15 @@ def solve(lik_path: str, out: str, affinity: str, jsd_path: str | None, kernel: 
         if [str(t) for t in f["tasks"]] != list(tasks):
             raise ValueError(f"{jsd_path}: tasks differ from {lik_path}")
         jsd_sum, jsd_count = f["jsd_sum"], f["token_count"]
-    weights, sol, _ = solve_from_sums(loglik_sum, count, jsd_sum, jsd_count, checked)
-    hyper = {k: v for k, v in dataclasses.asdict(checked).items() if k not in ("affinity", "unary")}
+    information = load_information_gain(lik_path)
+    if unary == "information" and information is None:
+        raise ValueError(f"{lik_path}: --unary information needs the signal arrays that `taskpgm estimate` writes "
+                         f"(base_loglik_sum, information_sum, ...); use --unary representativeness for this file")
+    if prior in ("size", "temperature") and sizes is None:
+        raise ValueError(f"{lik_path}: --prior {prior} needs the 'sizes' array; use --prior uniform or none")
+    weights, sol, _ = solve_from_sums(loglik_sum, count, jsd_sum, jsd_count, checked, information=information,
+                                      sizes=sizes)
+    hyper = {k: v for k, v in dataclasses.asdict(checked).items() if k != "affinity"}
     size_map = {t: int(s) for t, s in zip(tasks, sizes)} if sizes is not None else {t: 0 for t in tasks}
     write_mixture(out, weights=dict(zip(tasks, map(float, weights))), method="taskpgm", affinity=affinity,
                   hyperparameters=hyper, energy=sol.energy, kkt_residual=sol.kkt_residual, sizes=size_map,

@@ -122,7 +122,7 @@ class ModelConfig:
 class ProbeConfig:
     """Stage 2: one LoRA proxy per task."""
 
-    steps: int = doc("optimizer steps per proxy", 60)
+    steps: int = doc("optimizer steps per proxy (150 x 16 examples: measured on the synthetic world, README)", 150)
     batch_size: int = doc("examples per step", 16)
     lr: float = doc("learning rate", 3e-3)
     lora_rank: int = doc("LoRA rank r", 8)
@@ -162,19 +162,37 @@ class EstimationConfig:
     bootstrap: int = doc("bootstrap resamples for the confidence bands on the weights", 100)
 
 
+# The paper's energy exactly (TaskPGM, arXiv 2507.12612), for `EnergyConfig(**PAPER_ENERGY)` or a config's
+# `energy:` section: the PSD-shifted PMI affinity and its row sums, unscaled, no prior.
+PAPER_ENERGY = {"kernel": "psd", "unary": "representativeness", "normalize": False, "prior": "none", "floor": 0.0}
+
+
 @dataclass
 class EnergyConfig:
-    """Stage 5: E(p) = (lam/2) p^T S p - beta u^T p on the simplex."""
+    """Stage 5: E(p) = (lam/2) p^T S p - beta u^T p on the simplex (+ a prior term). The paper's energy exactly:
+    kernel psd, unary representativeness, normalize false, prior none."""
 
     affinity: Literal["pmi", "jsd"] = doc("which affinity builds S", "pmi")
-    kernel: Literal["psd", "exp"] = doc("psd: symmetrise + shift to PSD; exp: exp(S / tau)", "psd")
+    kernel: Literal["psd", "clip", "exp"] = doc(
+        "psd: symmetrise + shift the diagonal to PSD (the paper's); clip: symmetrise + clip negative "
+        "eigenvalues to 0 (the nearest PSD matrix); exp: exp(S / tau)", "clip")
     tau: float = doc("temperature of the exp kernel", 1.0)
     eps: float = doc("ridge added to the kernel matrix", 1e-6)
     beta: float = doc("weight of the unary term", 1.0)
     lam: float = doc("weight of the pairwise term", 1.0)
-    unary: Literal["representativeness", "utility"] = doc(
-        "representativeness: row sums of S; utility: the tasks' `utility` fields", "representativeness"
-    )
+    unary: Literal["representativeness", "information", "utility"] = doc(
+        "representativeness: row sums of S (the paper's); information: each proxy's gain in input-output "
+        "information over the base on its own task (noise has none); utility: the tasks' `utility` fields",
+        "information")
+    normalize: bool = doc("scale the kernel matrix to a mean diagonal of 1 and the unary to a largest |u| of 1, so "
+                          "beta and lam mean the same for any number of tasks or units", True)
+    prior: Literal["none", "uniform", "size", "temperature"] = doc(
+        "a baseline mixture q the energy leans towards: adds (prior_strength / 2) sum_i (p_i - q_i)^2 / q_i",
+        "temperature")
+    prior_temperature: float = doc("T of the temperature prior q_i ~ N_i^(1/T)", 2.0)
+    prior_strength: float = doc("weight of the prior term (0: none; large: the prior itself)", 0.3)
+    floor: float = doc("every task gets at least floor / n, a fraction of its uniform weight (capped by the "
+                       "repetition cap): a task left out loses even its answer format", 0.2)
     method: Literal["exact", "closed_form", "first_order", "blocks"] = doc("solver", "exact")
     budget: int | None = doc("choose at most k tasks (budgeted greedy)", None)
     min_weight: float | None = doc("per-task minimum weight", None)
@@ -221,8 +239,11 @@ class TuneConfig:
     affinities: list[str] = doc("affinities searched", factory=lambda: ["pmi", "jsd"])
     kernels: list[str] = doc("kernels searched", factory=lambda: ["psd", "exp"])
     taus: list[float] = doc("exp-kernel temperatures searched", factory=lambda: [0.5, 1.0, 2.0])
+    unaries: list[str] | None = doc("unary terms searched (null: only energy.unary)", None)
+    prior_strengths: list[float] | None = doc("prior strengths searched (null: only energy.prior_strength)", None)
     budgets: list[int] | None = doc("budgets k searched (null: no budget)", None)
-    trial_steps: int = doc("training steps per trial", 60)
+    trial_steps: int | None = doc("training steps per trial (null: train.steps, so that a trial's ranking is the "
+                                  "final fine-tune's; shorter trials rank mixtures that drop tasks too well)", None)
     trial_workers: int = doc("Ray Train workers per trial", 1)
     trial_evals: int = doc("validation evaluations per trial: the rungs at which ASHA may stop a trial", 3)
     trial_cpus_per_worker: float = doc(
@@ -442,6 +463,14 @@ def _check(cfg: Config, problems: list[str]) -> None:
         problems.append(f"energy.lam: must be >= 0, got {e.lam}")
     if isinstance(e.tau, float) and e.tau <= 0:
         problems.append(f"energy.tau: must be > 0, got {e.tau}")
+    if isinstance(e.beta, float) and e.beta < 0:
+        problems.append(f"energy.beta: must be >= 0, got {e.beta} (a negative beta turns the unary term upside down)")
+    if isinstance(e.floor, float) and not 0 <= e.floor <= 1:
+        problems.append(f"energy.floor: must be in [0, 1], got {e.floor}")
+    if isinstance(e.prior_strength, float) and e.prior_strength < 0:
+        problems.append(f"energy.prior_strength: must be >= 0, got {e.prior_strength}")
+    if isinstance(e.prior_temperature, float) and e.prior_temperature <= 0:
+        problems.append(f"energy.prior_temperature: must be > 0, got {e.prior_temperature}")
     if e.min_weight is not None and e.max_weight is not None and e.min_weight > e.max_weight:
         problems.append(f"energy.min_weight: {e.min_weight} exceeds energy.max_weight {e.max_weight}")
     if (e.min_weight is not None or e.max_weight is not None) and e.method not in ("exact", "first_order"):
@@ -466,16 +495,19 @@ def _check(cfg: Config, problems: list[str]) -> None:
     tu = cfg.tune
     if len(tu.ratio_range) != 2 or not (0 < tu.ratio_range[0] <= tu.ratio_range[1]):
         problems.append(f"tune.ratio_range: must be [low, high] with 0 < low <= high, got {tu.ratio_range}")
-    if isinstance(tu.trial_evals, int) and not 1 <= tu.trial_evals <= max(1, tu.trial_steps):
+    if isinstance(tu.trial_evals, int) and not 1 <= tu.trial_evals <= max(1, tu.trial_steps or tu.trial_evals):
         problems.append(f"tune.trial_evals: must be between 1 and tune.trial_steps, got {tu.trial_evals}")
     for i, a in enumerate(tu.affinities):
         if a not in ("pmi", "jsd"):
             problems.append(f"tune.affinities[{i}]: must be 'pmi' or 'jsd', got {a!r}")
         elif a == "jsd" and not cfg.estimation.jsd:
             problems.append(f"tune.affinities[{i}]: 'jsd' needs estimation.jsd: true")
+    for i, u in enumerate(tu.unaries or []):
+        if u not in ("representativeness", "information", "utility"):
+            problems.append(f"tune.unaries[{i}]: must be 'representativeness', 'information' or 'utility', got {u!r}")
     for i, k in enumerate(tu.kernels):
-        if k not in ("psd", "exp"):
-            problems.append(f"tune.kernels[{i}]: must be 'psd' or 'exp', got {k!r}")
+        if k not in ("psd", "clip", "exp"):
+            problems.append(f"tune.kernels[{i}]: must be 'psd', 'clip' or 'exp', got {k!r}")
     if tu.search == "optuna":
         try:
             import optuna  # noqa: F401

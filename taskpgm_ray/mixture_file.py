@@ -131,8 +131,19 @@ def read_mixture(path: str) -> dict:
     return doc
 
 
-def save_likelihoods(path: str, tasks, loglik_sum, count, sizes=None) -> None:
-    """Write ``likelihoods.npz`` atomically: tasks, loglik_sum (n, n), count (n,), optional sizes (n,)."""
+# Optional per-task arrays of likelihoods.npz beyond CONTRACT.md's sizes, written by `taskpgm estimate`:
+# the base model's summed log-likelihood of each probe set, and the input-output information sums of the
+# task's own proxy and of the base over the rotated probe pairs (taskpgm_ray.mixture.signal).
+SIGNAL_ARRAYS = ("base_loglik_sum", "information_sum", "base_information_sum", "information_count",
+                 "information_gain_sq_sum")
+
+
+def save_likelihoods(path: str, tasks, loglik_sum, count, sizes=None, **signal: np.ndarray) -> None:
+    """Write ``likelihoods.npz`` atomically: tasks, loglik_sum (n, n), count (n,), optional sizes (n,) and the
+    optional per-task ``SIGNAL_ARRAYS``."""
+    unknown = sorted(set(signal) - set(SIGNAL_ARRAYS))
+    if unknown:
+        raise ValueError(f"{path}: unknown array(s) {', '.join(unknown)} (optional: {', '.join(SIGNAL_ARRAYS)})")
     arrays = {
         "tasks": np.asarray([str(t) for t in tasks]),
         "loglik_sum": np.asarray(loglik_sum, dtype=np.float64),
@@ -140,8 +151,22 @@ def save_likelihoods(path: str, tasks, loglik_sum, count, sizes=None) -> None:
     }
     if sizes is not None:
         arrays["sizes"] = np.asarray(sizes)
+    arrays.update({k: np.asarray(v) for k, v in signal.items()})
     _validate_likelihoods(path, arrays)
     atomic_savez(path, **arrays)
+
+
+def load_information_gain(path: str) -> np.ndarray | None:
+    """Each task's input-output information gain (proxy over base, nats per example; its lower confidence bound,
+    floored at 0) from ``likelihoods.npz``, or None when the file has no signal arrays (older or hand-written)."""
+    arrays = read_npz(path)
+    if not all(k in arrays for k in SIGNAL_ARRAYS):
+        return None
+    _validate_likelihoods(path, arrays)
+    from taskpgm_ray.mixture.signal import information_gain
+
+    return information_gain(arrays["information_sum"], arrays["base_information_sum"], arrays["information_count"],
+                            arrays["information_gain_sq_sum"])
 
 
 def read_npz(path: str) -> dict[str, np.ndarray]:
@@ -200,7 +225,7 @@ def _validate_likelihoods(path: str, a: dict) -> None:
         raise ValueError(
             f"{path}: 'loglik_sum' must have shape ({n}, {n}) for {n} tasks, got {a['loglik_sum'].shape}"
         )
-    for key in ("count", "sizes"):
+    for key in ("count", "sizes", *SIGNAL_ARRAYS):
         if key in a and a[key].shape != (n,):
             raise ValueError(f"{path}: '{key}' must have shape ({n},), got {a[key].shape}")
     bad = np.flatnonzero(~(a["count"] > 0))

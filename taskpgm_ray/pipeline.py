@@ -20,14 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from taskpgm_ray.config import Config
-from taskpgm_ray.io import atomic_write_json
+from taskpgm_ray.io import atomic_write_json, atomic_write_text
 
 # Settings that change where or how fast a stage runs, never its result: left out of the stage keys.
 RESOURCE_FIELDS = {
     "probes": {"num_gpus", "num_cpus", "max_retries"},
     "estimation": {"num_actors", "num_gpus_per_actor", "num_cpus_per_actor", "max_actor_restarts"},
     "train": {"use_gpu", "cpus_per_worker", "max_failures", "audit_samples"},
-    "tune": {"max_concurrent", "enabled"},
+    "tune": {"max_concurrent", "enabled"},  # enabled: only the select stage reads it
 }
 # Settings of the final fine-tune that Tune's short trials do not use.
 FINAL_TRAIN_ONLY = {"steps", "eval_every", "checkpoint_every"}
@@ -84,11 +84,32 @@ class Pipeline:
     def probes_key(self) -> str:
         return digest(self.tasks_key(), dataclasses.asdict(self.cfg.model), settings(self.cfg, "probes"))
 
+    def caps_key(self) -> list[float] | None:
+        """The repetition caps every mixture is solved under (they depend on the final fine-tune's budget)."""
+        from taskpgm_ray.distributed.solve import mixture_caps
+
+        caps = mixture_caps(self.cfg, self.tasks)
+        return None if caps is None else [round(float(c), 12) for c in caps]
+
     def estimate_key(self) -> str:
-        return digest(self.probes_key(), settings(self.cfg, "estimation"), dataclasses.asdict(self.cfg.energy))
+        return digest(self.probes_key(), settings(self.cfg, "estimation"), dataclasses.asdict(self.cfg.energy),
+                      self.caps_key())
 
     def tune_key(self) -> str:
-        return digest(self.estimate_key(), settings(self.cfg, "tune"), settings(self.cfg, "train", FINAL_TRAIN_ONLY))
+        from taskpgm_ray.tune import trial_steps
+
+        # Tune searches beta (as beta/lam), the affinity, kernel, tau, budget (and unary, prior strength when
+        # listed): the energy's own values of those never reach a trial.
+        t = self.cfg.tune
+        searched = {"beta", "affinity", "kernel", "tau", "budget"} | ({"unary"} if t.unaries else set()) \
+            | ({"prior_strength"} if t.prior_strengths else set())
+        energy = {k: v for k, v in dataclasses.asdict(self.cfg.energy).items() if k not in searched}
+        return digest(self.probes_key(), settings(self.cfg, "estimation"), energy, settings(self.cfg, "tune"),
+                      settings(self.cfg, "train", FINAL_TRAIN_ONLY), trial_steps(self.cfg), self.caps_key())
+
+    def select_key(self) -> str:
+        source = self.out / ("tune/best.json" if self.cfg.tune.enabled else "estimate/mixture.json")
+        return digest(self.cfg.tune.enabled, json.loads(source.read_text())["weights"])
 
     def train_key(self) -> str:
         mixture = json.loads((self.out / "mixture.json").read_text())
@@ -104,11 +125,12 @@ class Pipeline:
         stages = [
             Stage("tasks", self.tasks_key, ["tasks.json"], self._run_tasks),
             Stage("probes", self.probes_key, ["probes"], self._run_probes),
-            Stage("estimate", self.estimate_key, ["likelihoods.npz", "mixture.json"], self._run_estimate),
+            Stage("estimate", self.estimate_key, ["likelihoods.npz", "estimate/mixture.json"], self._run_estimate),
         ]
         if cfg.tune.enabled:
-            stages.append(Stage("tune", self.tune_key, ["tune/results.json", "mixture.json"], self._run_tune))
+            stages.append(Stage("tune", self.tune_key, ["tune/results.json", "tune/best.json"], self._run_tune))
         stages += [
+            Stage("select", self.select_key, ["mixture.json"], self._run_select),
             Stage("train", self.train_key, ["train/summary.json", "train/checkpoint"], self._run_train),
             Stage("report", self.report_key, ["report/summary.json"], self._run_report),
         ]
@@ -130,13 +152,29 @@ class Pipeline:
         from taskpgm_ray.distributed.estimation import estimate_command
 
         estimate_command(self.cfg, tasks=self.tasks)
-        shutil.copyfile(self.out / "mixture.json", self.out / "estimate" / "mixture.default.json")
+
+    def print_signal(self) -> None:
+        """The estimate stage's verdict, in plain words: proxies that learned, the affinity's SNR, warnings."""
+        path = self.out / "estimate" / "signal.json"
+        if not path.exists():
+            return
+        signal = json.loads(path.read_text())
+        snr = signal.get("affinity", {}).get("snr")
+        self.console.print(f"signal: {signal['learned']}/{len(signal['tasks'])} proxies learned their task"
+                           + (f"; PMI affinity signal-to-noise {snr:.1f}" if snr is not None else "")
+                           + f" ({path.relative_to(self.out)})")
+        for w in signal["warnings"]:
+            self.console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
 
     def _run_tune(self) -> None:
         from taskpgm_ray.tune import run_tune, write_best_mixture
 
         result = run_tune(self.cfg, self.tasks, load_sums(self.out), resume=self.resume)
-        write_best_mixture(result["best"], self.tasks, self.out / "mixture.json", inputs_hash=self.tune_key())
+        write_best_mixture(result["best"], self.tasks, self.out / "tune" / "best.json", inputs_hash=self.tune_key(),
+                           weight_unit=self.cfg.train.weight_unit)
+
+    def _run_select(self) -> None:
+        select_mixture(self.out, tune=self.cfg.tune.enabled)
 
     def _run_train(self) -> None:
         from taskpgm_ray.train import train_command
@@ -156,11 +194,18 @@ class Pipeline:
         return rec.get("key") == key and rec.get("status") == "done" and \
             all((self.out / o).exists() for o in stage.outputs)
 
-    def run(self) -> list[tuple[str, str, float]]:
-        """Run every stage not already done with the same key; return (stage, status, seconds) rows."""
+    def run(self, *, until: str | None = None) -> list[tuple[str, str, float]]:
+        """Run every stage not already done with the same key (through ``until`` when given); return
+        (stage, status, seconds) rows."""
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(_yaml(self.cfg.to_dict()))
-        for stage in self.stages():
+        stages = self.stages()
+        if until is not None:
+            names = [st.name for st in stages]
+            if until not in names:
+                raise ValueError(f"unknown stage {until!r}; stages: {', '.join(names)}")
+            stages = stages[: names.index(until) + 1]
+        for stage in stages:
             key = stage.key()
             if self.is_done(stage, key):
                 self.timings.append((stage.name, "cached", 0.0))
@@ -179,6 +224,8 @@ class Pipeline:
             seconds = time.time() - start
             self._record(stage.name, key, "done", seconds)
             self.timings.append((stage.name, "done", seconds))
+            if stage.name == "estimate":
+                self.print_signal()
         self.print_table()
         return self.timings
 
@@ -199,13 +246,27 @@ class Pipeline:
         self.console.print(table)
 
 
+def select_mixture(run_dir: str | Path, *, tune: bool) -> Path:
+    """``mixture.json``, the mixture the run recommends: Tune's best trial (``tune/best.json``) when Tune is on,
+    else the energy's mixture from the estimate stage (``estimate/mixture.json``). One writer, one source."""
+    run_dir = Path(run_dir)
+    source = run_dir / ("tune/best.json" if tune else "estimate/mixture.json")
+    if not source.exists():
+        raise FileNotFoundError(f"{source} not found: run `taskpgm {'tune' if tune else 'estimate'}` first")
+    atomic_write_text(run_dir / "mixture.json", source.read_text())
+    return run_dir / "mixture.json"
+
+
 def load_sums(run_dir: str | Path) -> dict[str, Any]:
     """The estimation sums Tune needs, from ``likelihoods.npz`` (and ``jsd.npz`` when present)."""
     import numpy as np
 
+    from taskpgm_ray.mixture_file import load_information_gain
+
     run_dir = Path(run_dir)
     with np.load(run_dir / "likelihoods.npz") as f:
         sums = {"tasks": [str(t) for t in f["tasks"]], "loglik_sum": f["loglik_sum"], "count": f["count"]}
+    sums["information_gain"] = load_information_gain(str(run_dir / "likelihoods.npz"))
     if (run_dir / "jsd.npz").exists():
         with np.load(run_dir / "jsd.npz") as f:
             sums["jsd_sum"], sums["jsd_count"] = f["jsd_sum"], f["token_count"]

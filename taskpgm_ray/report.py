@@ -1,7 +1,8 @@
 """Stage 8: plots and tables of a finished run (``report/``), and the same to W&B.
 
-Reads only artefacts (tasks.json, likelihoods.npz, mixture.json, train/summary.json, tune/results.json),
-so ``taskpgm report RUN_DIR`` works on any run directory, also one copied from a cluster.
+Reads only artefacts (tasks.json, likelihoods.npz, mixture.json, estimate/signal.json, train/summary.json,
+tune/results.json, compare/results.json), so ``taskpgm report RUN_DIR`` works on any run directory, also one
+copied from a cluster.
 """
 
 from __future__ import annotations
@@ -196,6 +197,12 @@ def make_report(run_dir: str | Path, *, tracking: TrackingConfig | None = None) 
     if tune_results and (p := plot_tune(tune_results, out / "tune.png")):
         plots["tune"] = p
 
+    signal = _read_json(run_dir / "estimate" / "signal.json")
+    compare = _read_json(run_dir / "compare" / "results.json")
+    if compare and (run_dir / "compare" / "compare.png").exists():
+        import shutil
+
+        plots["compare"] = Path(shutil.copyfile(run_dir / "compare" / "compare.png", out / "compare.png"))
     rows = []
     for n in names:
         rows.append({
@@ -210,19 +217,51 @@ def make_report(run_dir: str | Path, *, tracking: TrackingConfig | None = None) 
         "hyperparameters": mixture.get("hyperparameters"), "eval_loss_mean": summary.get("eval_loss_mean"),
         "throughput": summary.get("throughput"), "tasks": rows,
         "tune_best": (tune_results or {}).get("best", {}).get("validation_loss"),
+        "signal": signal, "compare": _compare_digest(compare),
         "plots": {k: str(v.relative_to(run_dir)) for k, v in plots.items()},
     }
     md = [f"# taskpgm report: {run_dir.name}", "",
           f"Mixture: **{mixture['method']}** (affinity {mixture.get('affinity')}), "
           f"hyperparameters `{json.dumps(mixture.get('hyperparameters'))}`.", "",
-          f"Mean validation loss after the fine-tune: **{summary.get('eval_loss_mean')}**", "",
-          _table_markdown(rows, ["task", "weight", "uniform", "train_size", "samples", "eval_loss", "eval_accuracy"]),
-          ""]
+          f"Mean validation loss after the fine-tune (every task): **{summary.get('eval_loss_mean')}**; Tune "
+          f"selected on the same validation split, so this figure is optimistic: `taskpgm compare` scores on test.",
+          "", _table_markdown(rows, ["task", "weight", "uniform", "train_size", "samples", "eval_loss",
+                                     "eval_accuracy"]), ""]
+    md += signal_markdown(signal)
+    if compare:
+        from taskpgm_ray.compare import summary_markdown
+
+        md += [summary_markdown(compare).replace("# taskpgm compare", "## taskpgm compare", 1), ""]
     md += [f"![{k}]({v.name})" for k, v in plots.items()]
     atomic_write_text(out / "summary.md", "\n".join(md) + "\n")
     atomic_write_json(out / "summary.json", report)
     _log_wandb(tracking or TrackingConfig(), run_dir, report, plots)
     return report
+
+
+def signal_markdown(signal: dict | None) -> list[str]:
+    """The estimate stage's signal checks as markdown lines: warnings first, then the per-task table."""
+    if not signal:
+        return []
+    lines = ["## Signal checks (estimate stage)", ""]
+    if signal.get("warnings"):
+        lines += [f"- **warning**: {w}" for w in signal["warnings"]] + [""]
+    if "affinity" in signal:
+        a = signal["affinity"]
+        lines += [f"PMI affinity signal-to-noise: **{a['snr']:.2f}** ({'signal' if a['has_signal'] else 'NOISE'}; "
+                  f"bootstrap over probe examples, {signal['resamples']} resamples).", ""]
+    rows = [{"task": k, "gain": v["gain"], "gain_low": v["gain_low"], "gain_high": v["gain_high"],
+             "learned": v["learned"], "information_gain": v["information_gain"], "nearest": v.get("nearest")}
+            for k, v in signal["tasks"].items()]
+    return lines + [_table_markdown(rows, ["task", "gain", "gain_low", "gain_high", "learned", "information_gain",
+                                           "nearest"]), ""]
+
+
+def _compare_digest(compare: dict | None) -> dict | None:
+    if not compare:
+        return None
+    return {"metric": compare["metric"], "mean_test_loss": compare["mean_test_loss"],
+            "taskpgm_wins": compare["taskpgm_wins"], "seeds": len(compare["seeds"])}
 
 
 def _log_wandb(tracking: TrackingConfig, run_dir: Path, report: dict, plots: dict[str, Path]) -> None:
@@ -239,5 +278,9 @@ def _log_wandb(tracking: TrackingConfig, run_dir: Path, report: dict, plots: dic
             "report/tasks": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in report["tasks"]]),
         })
         run.summary["eval_loss_mean"] = report["eval_loss_mean"]
+        if report.get("signal"):
+            run.summary["signal/warnings"] = report["signal"]["warnings"]
+        if report.get("compare"):
+            run.summary["compare/mean_test_loss"] = report["compare"]["mean_test_loss"]
         run.summary["mixture"] = {r["task"]: r["weight"] for r in report["tasks"]}
         log_mixture(run, run_dir / "mixture.json")

@@ -1,7 +1,8 @@
 """Stage 7: Ray Tune over the energy hyperparameters, with the baselines as reference trials.
 
 A trial solves the mixture from the cached estimation sums (no model runs), then fine-tunes with the
-unchanged Ray Train + DeepSpeed trainer for ``tune.trial_steps`` and reports the mean validation loss.
+unchanged Ray Train + DeepSpeed trainer for ``tune.trial_steps`` (default: the final ``train.steps``) and reports
+the mean validation loss over the scored tasks (``tasks[*].score``), which is what trials are ranked by.
 RAY_NOTES: a trial is a function that builds a ``TorchTrainer`` and calls ``.fit()``; trial drivers take
 almost no CPU and concurrency is capped by the cluster, so a 2-core machine never deadlocks.
 """
@@ -21,6 +22,7 @@ from taskpgm_ray.io import atomic_write_json
 from taskpgm_ray.tasks import TaskData
 
 TRIAL_CPU = 0.01  # RAY_NOTES: 0 is rejected, 1 (the default) starves the trial's own Train workers
+METRIC = "eval_loss_scored"  # what trials are ranked by: mean validation loss over the tasks with score: true
 
 
 # --------------------------------------------------------------------------------------------------
@@ -39,7 +41,8 @@ def search_space(cfg: Config) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         "affinity": tune.choice(t.affinities),
         "kernel": tune.choice(t.kernels),
         "tau": tune.choice(t.taus),
-        "unary": cfg.energy.unary,
+        "unary": tune.choice(t.unaries) if t.unaries else cfg.energy.unary,
+        "prior_strength": tune.choice(t.prior_strengths) if t.prior_strengths else cfg.energy.prior_strength,
         "budget": tune.choice(t.budgets) if t.budgets else None,
         "temperature": None,
     }
@@ -47,8 +50,8 @@ def search_space(cfg: Config) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         ratios = np.geomspace(lo, hi, max(1, t.num_samples)).tolist()
         space.update(ratio=tune.grid_search(ratios), affinity=tune.grid_search(t.affinities),
                      kernel=tune.grid_search(t.kernels))
-    base = {"ratio": 1.0, "affinity": None, "kernel": None, "tau": None, "unary": None, "budget": None,
-            "temperature": None}
+    base = {"ratio": 1.0, "affinity": None, "kernel": None, "tau": None, "unary": None, "prior_strength": None,
+            "budget": None, "temperature": None}
     points = []
     if t.baselines:
         points = [{**base, "kind": "uniform"}, {**base, "kind": "size"}]
@@ -62,13 +65,14 @@ def trial_energy(cfg: EnergyConfig, params: dict[str, Any]) -> EnergyConfig:
     return dataclasses.replace(
         cfg, beta=float(params["ratio"]) * lam, lam=lam, affinity=params["affinity"], kernel=params["kernel"],
         tau=float(params["tau"]), unary=params["unary"], budget=params["budget"],
+        prior_strength=float(params.get("prior_strength", cfg.prior_strength)),
     )
 
 
 def trial_weights(params: dict[str, Any], sums: dict[str, Any], cfg: Config,
                   tasks: list[TaskData]) -> tuple[dict[str, float], dict[str, Any]]:
     """The mixture a trial trains on, and its description (method, hyperparameters, energy)."""
-    from taskpgm_ray.distributed.solve import solve_from_sums
+    from taskpgm_ray.distributed.solve import mixture_caps, solve_from_sums
     from taskpgm_ray.mixture import baseline_weights
 
     names = [t.name for t in tasks]
@@ -81,9 +85,11 @@ def trial_weights(params: dict[str, Any], sums: dict[str, Any], cfg: Config,
     energy = trial_energy(cfg.energy, params)
     utilities = [t.utility for t in tasks] if energy.unary == "utility" else None
     weights, sol, _ = solve_from_sums(sums["loglik_sum"], sums["count"], sums.get("jsd_sum"),
-                                      sums.get("jsd_count"), energy, utilities=utilities)
-    hyper = {"beta": energy.beta, "lam": energy.lam, "ratio": float(params["ratio"]), "kernel": energy.kernel,
-             "tau": energy.tau, "unary": energy.unary, "budget": energy.budget, "solver": energy.method}
+                                      sums.get("jsd_count"), energy, utilities=utilities,
+                                      information=sums.get("information_gain"), max_weights=mixture_caps(cfg, tasks),
+                                      sizes=[len(t.train) for t in tasks])
+    hyper = {**{k: v for k, v in dataclasses.asdict(energy).items() if k != "affinity"},
+             "ratio": float(params["ratio"])}
     desc = {"method": "taskpgm", "affinity": energy.affinity, "energy": float(sol.energy),
             "kkt_residual": float(sol.kkt_residual), "hyperparameters": hyper}
     return dict(zip(names, map(float, weights))), desc
@@ -108,12 +114,17 @@ def _trial(params: dict[str, Any], *, cfg: Config, tasks: list[TaskData], sums: 
     # A trial evaluates `trial_evals` times (ASHA's rungs) and keeps no intermediate checkpoints.
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(
         cfg.train, cpus_per_worker=cfg.tune.trial_cpus_per_worker, checkpoint_every=0,
-        eval_every=max(1, cfg.tune.trial_steps // cfg.tune.trial_evals)))
+        eval_every=max(1, trial_steps(cfg) // min(cfg.tune.trial_evals, trial_steps(cfg)))))
     trial_dir = Path(run_dir) / "tune" / "trials" / tune.get_context().get_trial_id()
     trainer = build_trainer(cfg, tasks, weights, run_dir=str(trial_dir), name="train",
-                            steps=cfg.tune.trial_steps, num_workers=cfg.tune.trial_workers,
+                            steps=trial_steps(cfg), num_workers=cfg.tune.trial_workers,
                             callbacks=[TuneReportCallback()])
     trainer.fit()
+
+
+def trial_steps(cfg: Config) -> int:
+    """Training steps of one trial: ``tune.trial_steps``, or the final fine-tune's ``train.steps``."""
+    return cfg.tune.trial_steps or cfg.train.steps
 
 
 def max_concurrent_trials(cfg: Config) -> int:
@@ -152,12 +163,12 @@ def run_tune(cfg: Config, tasks: list[TaskData], sums: dict[str, Any], *, resume
         from ray.tune.search.optuna import OptunaSearch
 
         searcher = tune.search.ConcurrencyLimiter(
-            OptunaSearch(points_to_evaluate=points or None, metric="eval_loss_mean", mode="min", seed=cfg.train.seed),
+            OptunaSearch(points_to_evaluate=points or None, metric=METRIC, mode="min", seed=cfg.train.seed),
             max_concurrent=concurrent)
     else:  # RAY_NOTES: with a search algorithm, cap concurrency on it; max_concurrent_trials is ignored
         searcher = BasicVariantGenerator(points_to_evaluate=points or None, max_concurrent=concurrent,
                                          random_state=cfg.train.seed)
-    evals = cfg.tune.trial_evals
+    evals = min(cfg.tune.trial_evals, trial_steps(cfg))
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(evals, cfg.tune.asha_grace),
                               grace_period=cfg.tune.asha_grace, reduction_factor=2)
     trainable = tune.with_resources(
@@ -170,7 +181,7 @@ def run_tune(cfg: Config, tasks: list[TaskData], sums: dict[str, Any], *, resume
         tuner = tune.Tuner(
             trainable,
             param_space=space,
-            tune_config=tune.TuneConfig(metric="eval_loss_mean", mode="min", search_alg=searcher,
+            tune_config=tune.TuneConfig(metric=METRIC, mode="min", search_alg=searcher,
                                         scheduler=scheduler, num_samples=n_taskpgm + len(points)),
             run_config=tune.RunConfig(name="search", storage_path=str(storage)),
         )
@@ -182,7 +193,7 @@ def run_tune(cfg: Config, tasks: list[TaskData], sums: dict[str, Any], *, resume
         m = r.metrics or {}
         trials.append({
             "trial_id": m.get("trial_id"), "kind": params["kind"], "params": params, **desc,
-            "weights": weights, "validation_loss": m.get("eval_loss_mean"),
+            "weights": weights, "validation_loss": m.get(METRIC), "validation_loss_all": m.get("eval_loss_mean"),
             "validation_loss_per_task": {t.name: m.get(f"eval_loss/{t.name}") for t in tasks},
             "iterations": m.get("training_iteration"),
             "status": "error" if r.error else ("stopped_early" if (m.get("training_iteration") or 0) < evals
@@ -194,16 +205,21 @@ def run_tune(cfg: Config, tasks: list[TaskData], sums: dict[str, Any], *, resume
         raise RuntimeError(f"tune: no trial reported a validation loss ({len(trials)} trials; see {storage})")
     best = min(ok, key=lambda t: t["validation_loss"])
     result = {"best": best, "trials": trials, "seconds": time.time() - started,
-              "max_concurrent": concurrent, "metric": "eval_loss_mean (mean validation loss over tasks)"}
+              "max_concurrent": concurrent,
+              "metric": f"{METRIC} (mean validation loss over the scored tasks: "
+                        f"{', '.join(t.name for t in tasks if t.score) or 'all'})"}
     atomic_write_json(out / "tune" / "results.json", result)
     return result
 
 
-def write_best_mixture(best: dict[str, Any], tasks: list[TaskData], path: str | Path, *, inputs_hash: str) -> None:
-    """Write the best trial's mixture as ``mixture.json`` (CONTRACT.md), validation loss in its hyperparameters."""
+def write_best_mixture(best: dict[str, Any], tasks: list[TaskData], path: str | Path, *, inputs_hash: str,
+                       weight_unit: str = "examples") -> None:
+    """Write the best trial's mixture (format of ``mixture.json``, CONTRACT.md), validation loss in its
+    hyperparameters: ``tune/best.json``, which the select step makes the run's ``mixture.json``."""
     from taskpgm_ray.mixture_file import write_mixture
 
-    hyper = {**best["hyperparameters"], "selected_by": "tune", "validation_loss": best["validation_loss"]}
+    hyper = {**best["hyperparameters"], "selected_by": "tune", "validation_loss": best["validation_loss"],
+             "metric": METRIC}
     write_mixture(path, weights=best["weights"], method=best["method"], affinity=best["affinity"],
                   hyperparameters=hyper, energy=best["energy"], kkt_residual=best["kkt_residual"],
-                  sizes={t.name: len(t.train) for t in tasks}, inputs_hash=inputs_hash)
+                  sizes={t.name: len(t.train) for t in tasks}, inputs_hash=inputs_hash, weight_unit=weight_unit)

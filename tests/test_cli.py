@@ -64,7 +64,8 @@ def test_solve_writes_the_contract_mixture_and_exports_round_trip(tmp_path, caps
 
     lik = _likelihoods(tmp_path / "L.npz")
     out = tmp_path / "m.json"
-    assert main(["solve", "--likelihoods", str(lik), "--out", str(out), "--beta", "1", "--lam", "1"]) == 0
+    paper = ["--kernel", "psd", "--unary", "representativeness", "--no-normalize", "--prior", "none", "--floor", "0"]
+    assert main(["solve", "--likelihoods", str(lik), "--out", str(out), "--beta", "1", "--lam", "1", *paper]) == 0
     mix = read_mixture(str(out))
     assert mix["method"] == "taskpgm" and mix["affinity"] == "pmi" and mix["kkt_residual"] < 1e-9
     assert list(mix["weights"]) == ["math", "algebra", "chat"]
@@ -86,7 +87,12 @@ def test_solve_budget_and_bad_input(tmp_path, capsys):
 
     lik = _likelihoods(tmp_path / "L.npz")
     out = tmp_path / "m.json"
-    assert main(["solve", "--likelihoods", str(lik), "--out", str(out), "--budget", "2"]) == 0
+    assert main(["solve", "--likelihoods", str(lik), "--out", str(out), "--budget", "2"]) == 2
+    assert capsys.readouterr().err == (
+        f"taskpgm: error: {lik}: --unary information needs the signal arrays that `taskpgm estimate` writes "
+        f"(base_loglik_sum, information_sum, ...); use --unary representativeness for this file\n")
+    assert main(["solve", "--likelihoods", str(lik), "--out", str(out), "--budget", "2",
+                 "--unary", "representativeness"]) == 0
     assert sum(w > 0 for w in read_mixture(str(out))["weights"].values()) <= 2
     assert main(["solve", "--likelihoods", str(lik), "--out", str(out), "--kernel", "exp", "--tau", "0"]) == 2
     assert "energy.tau: must be > 0, got 0.0" in capsys.readouterr().err
@@ -117,7 +123,8 @@ def test_solve_refuses_negative_beta_and_a_budget_over_the_task_count(tmp_path, 
     assert capsys.readouterr().err == (
         f"taskpgm: error: --budget must be at most the number of tasks (4 in {lik}), got 9\n")
     assert not out.exists()
-    assert main(["solve", "--likelihoods", str(lik), "--out", str(out), "--budget", "4"]) == 0
+    assert main(["solve", "--likelihoods", str(lik), "--out", str(out), "--budget", "4", "--unary",
+                 "representativeness"]) == 0
 
 
 def test_solve_names_a_likelihoods_file_that_is_not_a_plain_npz(tmp_path, capsys):

@@ -19,7 +19,7 @@ def problems(data: dict, **kw) -> list[str]:
 
 def test_shipped_test_config_loads():
     cfg = load_config(test_mode=True)
-    assert cfg.model.name == "tiny" and cfg.train.num_workers == 2
+    assert cfg.model.name == "synthetic-base" and cfg.train.num_workers == 2
     assert cfg.synthetic is not None and len(cfg.synthetic.include) == 6
 
 
@@ -54,7 +54,7 @@ def test_shipped_test_config_loads():
         ({"estimation": {"num_actors": 0}}, "estimation.num_actors: must be >= 1, got 0"),
         ({"tune": {"ratio_range": [10.0, 1.0]}},
          "tune.ratio_range: must be [low, high] with 0 < low <= high, got [10.0, 1.0]"),
-        ({"tune": {"kernels": ["psd", "rbf"]}}, "tune.kernels[1]: must be 'psd' or 'exp', got 'rbf'"),
+        ({"tune": {"kernels": ["psd", "rbf"]}}, "tune.kernels[1]: must be 'psd', 'clip' or 'exp', got 'rbf'"),
         ({"tune": {"trial_evals": 0}}, "tune.trial_evals: must be between 1 and tune.trial_steps, got 0"),
         ({"tracking": {"wandb": "on"}},
          "tracking.wandb: must be one of 'offline', 'online', 'disabled', got 'on' (did you mean 'online'?)"),

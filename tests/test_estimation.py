@@ -27,7 +27,8 @@ TASKS = ["reverse_a", "copy", "sort", "add"]  # probe sets of 12, 12, 4, 4 examp
 
 def make_config(out, tasks=TASKS, **overrides):
     data = yaml.safe_load(TEST_CONFIG.read_text())
-    base = {"output_dir": str(out), "synthetic.include": list(tasks), "probes.steps": 4, "probes.batch_size": 8,
+    base = {"output_dir": str(out), "synthetic.include": list(tasks), "model.name": "tiny",  # fast: mechanics only
+            "probes.steps": 4, "probes.batch_size": 8,
             "estimation.shard_size": 4, "estimation.batch_size": 3, "estimation.num_actors": 1,
             "estimation.jsd_top_k": 8, "estimation.bootstrap": 10, "tracking.wandb": "disabled"}
     return config_from_dict(data, overrides={**base, **overrides})
@@ -87,7 +88,34 @@ def serial_reference(cfg):
         logp.append(np.concatenate(lp_i))
     jsd = pairwise_jsd_sum_topk(np.stack(idx), np.stack(logp))
     count = np.array([len(t.probe) for t in tasks])
-    return loglik, count, jsd, len(idx[0])
+
+    def score(net, prompt, response):
+        batch = collate([encode_example(tok, prompt, response, cfg.model.max_length)], tok.pad_token_id)
+        with torch.inference_mode():
+            logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return float(response_logprobs(logits, batch["labels"])[0])
+
+    base = build_model(cfg.model, tok).eval()
+    signal = {k: np.zeros(n) for k in ("base_loglik_sum", "information_sum", "base_information_sum",
+                                       "information_count", "information_gain_sq_sum")}
+    size = cfg.estimation.shard_size
+    for j, t in enumerate(tasks):
+        own = PeftModel.from_pretrained(build_model(cfg.model, tok), str(probe_dir(cfg, t))).eval()
+        for s in range(0, len(t.probe), size):
+            shard = t.probe[s:s + size]
+            for k, ex in enumerate(shard):
+                b = score(base, ex.prompt, ex.response)
+                signal["base_loglik_sum"][j] += b
+                if len(shard) < 2:
+                    continue
+                other = shard[(k + 1) % len(shard)].response  # prompt k with response k + 1, within the shard
+                own_info = score(own, ex.prompt, ex.response) - score(own, ex.prompt, other)
+                base_info = b - score(base, ex.prompt, other)
+                signal["information_sum"][j] += own_info
+                signal["base_information_sum"][j] += base_info
+                signal["information_gain_sq_sum"][j] += (own_info - base_info) ** 2
+                signal["information_count"][j] += 1
+    return loglik, count, jsd, len(idx[0]), signal
 
 
 def load_npz(path):
@@ -108,15 +136,18 @@ def test_matrix_matches_serial_reference_and_adding_a_task_scores_only_new_pairs
     first, first_ll, second, lik, jsd = full_run
     cfg3, cfg4 = make_config(probed, TASKS[:3]), make_config(probed)
     shards3 = make_shards(load_tasks(cfg3), 4, scoring_settings(cfg3))
-    assert first["scored"] == len(shards3) == 7 and first["adapter_shard_scorings"] == 7 * 3
-    assert first["forwards"] == 7 * 2 * 3  # 7 shards of 4 examples = 2 batches (3 + 1), x 3 adapters
-    # the fourth task: its adapter on the 7 old shards, every adapter on its 1 new shard
+    # each shard: 3 adapters, the base, and the own adapter and the base on the rotated pairs
+    assert first["scored"] == len(shards3) == 7 and first["adapter_shard_scorings"] == 7 * (3 + 3)
+    assert first["forwards"] == 7 * 2 * (3 + 3)  # 7 shards of 4 examples = 2 batches (3 + 1)
+    # the fourth task: its adapter on the 7 old shards, every adapter (+ base, + rotated) on its 1 new shard
     assert second["shards_cached"] == 0 and second["scored"] == 8
-    assert second["adapter_shard_scorings"] == 7 * 1 + 1 * 4
+    assert second["adapter_shard_scorings"] == 7 * 1 + 1 * (4 + 3)
 
     assert list(lik["tasks"]) == TASKS and lik["loglik_sum"].dtype == np.float64
-    ref_ll, ref_count, ref_jsd, ref_tokens = serial_reference(cfg4)
+    ref_ll, ref_count, ref_jsd, ref_tokens, ref_signal = serial_reference(cfg4)
     np.testing.assert_allclose(lik["loglik_sum"], ref_ll, rtol=1e-6, atol=0)
+    for key, ref in ref_signal.items():  # the base model's scores and the input-output information sums
+        np.testing.assert_allclose(lik[key], ref, rtol=1e-6, atol=1e-4, err_msg=key)  # batched float32
     np.testing.assert_array_equal(lik["count"], ref_count)
     assert list(lik["sizes"]) == [len(t.train) for t in load_tasks(cfg4)]
     np.testing.assert_array_equal(lik["loglik_sum"][:3, :3], first_ll)  # cached rows reused bit for bit
@@ -125,11 +156,21 @@ def test_matrix_matches_serial_reference_and_adding_a_task_scores_only_new_pairs
     np.testing.assert_allclose(jsd["jsd_sum"], ref_jsd, rtol=1e-5, atol=1e-9)
     np.testing.assert_allclose(jsd["jsd_sum_per_task"].sum(0), jsd["jsd_sum"], rtol=1e-12)
 
-    mixture = json.loads((probed / "mixture.json").read_text())
+    mixture = json.loads((probed / "estimate" / "mixture.json").read_text())
     assert mixture["format"] == "taskpgm-mixture/1" and mixture["method"] == "taskpgm"
     assert mixture["affinity"] == "pmi" and set(mixture["weights"]) == set(TASKS)
     assert abs(sum(mixture["weights"].values()) - 1) < 1e-9 and min(mixture["weights"].values()) >= 0
-    assert {"beta", "lam", "kernel", "tau"} <= set(mixture["hyperparameters"]) and mixture["inputs_hash"]
+    assert {"beta", "lam", "kernel", "tau", "unary", "prior"} <= set(mixture["hyperparameters"])
+    assert mixture["inputs_hash"] and not (probed / "mixture.json").exists()  # the select step writes that
+    signal = json.loads((probed / "estimate" / "signal.json").read_text())
+    assert set(signal["tasks"]) == set(TASKS) and signal["affinity"]["snr"] > 0
+    for name, t in signal["tasks"].items():  # 4-step proxies of a random model: the checks must say so
+        assert t["gain_low"] <= t["gain"] <= t["gain_high"] and t["nearest"] in TASKS and t["nearest"] != name
+        assert t["learned"] == (t["gain_low"] > 0 and t["gain"] >= 0.05)
+    assert len(signal["warnings"]) >= sum(not t["learned"] for t in signal["tasks"].values())
+    examples = load_npz(probed / "estimate" / "examples.npz")
+    assert examples["loglik"].shape == (4, int(ref_count.sum()))
+    np.testing.assert_allclose(examples["loglik"].sum(1), ref_ll.sum(1), rtol=1e-6)
     progress = json.loads((probed / "estimate" / "progress.json").read_text())
     assert progress["fraction_used"] == 1.0 and progress["trajectory"]
     assert set(progress["bootstrap"]["low"]) == set(TASKS)
@@ -146,7 +187,7 @@ def test_interrupted_run_resumes_and_a_killed_actor_changes_nothing(probed, full
     import ray
 
     _, _, clean, clean_ll, clean_jsd = full_run  # the clean four-task run
-    clean_forwards = 8 * 2 * 4  # 8 shards x 2 batches x 4 adapters
+    clean_forwards = 8 * 2 * (4 + 3)  # 8 shards x 2 batches x (4 adapters + base + 2 rotated)
     run = copy_run(probed, tmp_path / "run")
     cfg = make_config(run)
 
@@ -170,7 +211,7 @@ def test_interrupted_run_resumes_and_a_killed_actor_changes_nothing(probed, full
     resumed = estimate_command(cfg, on_result=kill_one)
     assert killed and resumed["actor_failures"] >= 1 and resumed["requeued"] >= 1
     assert resumed["shards_cached"] == 2 and resumed["scored"] == 8 - 2
-    per_shard = {s.key: 4 * 2 for s in make_shards(load_tasks(cfg), 4, scoring_settings(cfg))}
+    per_shard = {s.key: (4 + 3) * 2 for s in make_shards(load_tasks(cfg), 4, scoring_settings(cfg))}
     assert resumed["forwards"] == clean_forwards - sum(per_shard[k] for k in done_keys)
     got = load_npz(run / "likelihoods.npz")
     np.testing.assert_array_equal(got["loglik_sum"], clean_ll["loglik_sum"])

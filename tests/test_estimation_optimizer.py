@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from taskpgm_ray.config import EnergyConfig, StableConfig
+from taskpgm_ray.config import PAPER_ENERGY, EnergyConfig, StableConfig
 from taskpgm_ray.distributed.optimizer import MixtureOptimizer, ShardSums
 from taskpgm_ray.distributed.solve import affinity_from_sums, solve_from_sums
 from taskpgm_ray.mixture import energy_matrix, jsd_similarity, minimize_energy, pmi_affinity
@@ -36,7 +36,7 @@ def stream(drift: float, seed=0):
 
 
 def run(drift, stop=RULE):
-    opt = MixtureOptimizer(N, N * SHARDS_PER_TASK, EnergyConfig(), stop)
+    opt = MixtureOptimizer(N, N * SHARDS_PER_TASK, EnergyConfig(**PAPER_ENERGY), stop)
     first_stable = None
     for k, s in enumerate(stream(drift), start=1):
         status = opt.add(s)
@@ -76,7 +76,7 @@ def test_no_rule_never_stops_and_bootstrap_bands_bracket_the_estimate():
 def test_solve_from_sums_is_the_mixture_pipeline_on_means():
     L = mean_loglik()
     count = np.array([5, 6, 7, 8])
-    e = EnergyConfig(beta=2.0, lam=1.0)
+    e = EnergyConfig(beta=2.0, lam=1.0, **PAPER_ENERGY)
     w, sol, S = solve_from_sums(L * count, count, None, None, e)
     S_ref = energy_matrix(pmi_affinity(L), "psd", tau=e.tau, eps=e.eps)
     np.testing.assert_allclose(S, S_ref)
@@ -101,4 +101,35 @@ def test_solve_from_sums_errors_name_the_problem():
     with pytest.raises(ValueError, match="needs JSD sums"):
         solve_from_sums(L, np.ones(N), None, None, EnergyConfig(affinity="jsd"))
     with pytest.raises(ValueError, match=r"needs a `utility` for every task; missing for task index\(es\) \[2\]"):
-        solve_from_sums(L, np.ones(N), None, None, EnergyConfig(unary="utility"), utilities=[1.0, 0.5, None, 0.2])
+        solve_from_sums(L, np.ones(N), None, None, EnergyConfig(unary="utility", prior="none"),
+                        utilities=[1.0, 0.5, None, 0.2])
+    with pytest.raises(ValueError, match="unary 'information' needs each task's information gain"):
+        solve_from_sums(L, np.ones(N), None, None, EnergyConfig())
+    with pytest.raises(ValueError, match="prior 'temperature' needs the tasks' training sizes"):
+        solve_from_sums(L, np.ones(N), None, None, EnergyConfig(), information=np.ones(N))
+
+
+def test_default_energy_is_the_documented_algorithm_box():
+    """Normalised clipped PMI kernel, information unary, chi-square pull towards temperature sampling."""
+    from taskpgm_ray.mixture import baseline_weights, eig_clip
+
+    L, count, sizes = mean_loglik(), np.array([5, 6, 7, 8]), np.array([800, 800, 50, 3000])
+    info = np.array([4.0, 3.0, 0.1, 6.0])
+    e = EnergyConfig()
+    w, sol, K = solve_from_sums(L * count[None, :], count, None, None, e, information=info, sizes=sizes)
+    K_ref = eig_clip(pmi_affinity(L), e.eps)
+    K_ref /= np.mean(np.diag(K_ref))
+    np.testing.assert_allclose(K, K_ref, atol=1e-12)
+    q = baseline_weights("temperature", sizes, temperature=e.prior_temperature)
+    ref = minimize_energy(e.lam * K_ref + e.prior_strength * np.diag(1 / q), beta=e.beta, lam=1.0,
+                          unary=info / info.max(), min_weight=e.floor / N)
+    assert w.min() >= e.floor / N - 1e-12  # the floor: no task left out
+    np.testing.assert_allclose(w, ref.weights, atol=1e-10)
+    # a very strong prior is the prior itself; no prior and no pairwise term concentrates on the largest unary
+    strong, _, _ = solve_from_sums(L * count[None, :], count, None, None,
+                                   dataclasses.replace(e, prior_strength=1e6), information=info, sizes=sizes)
+    np.testing.assert_allclose(strong, q, atol=1e-4)
+    greedy, _, _ = solve_from_sums(L * count[None, :], count, None, None,
+                                   dataclasses.replace(e, prior="none", lam=0.0, floor=0.0), information=info,
+                                   sizes=sizes)
+    assert np.argmax(greedy) == 3 and greedy[3] > 0.99

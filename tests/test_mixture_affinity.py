@@ -140,7 +140,7 @@ def test_kernels_make_psd_matrices():
     J = np.array([[0, 0.2], [0.2, 0]])
     np.testing.assert_allclose(jsd_similarity(J), 1 - J / np.log(2))
     np.testing.assert_allclose(jsd_similarity(J, "exp", tau=0.5), np.exp(-J / 0.5))
-    with pytest.raises(ValueError, match=r"unknown kernel 'cos'; choose one of psd, exp"):
+    with pytest.raises(ValueError, match=r"unknown kernel 'cos'; choose one of psd, clip, exp"):
         energy_matrix(S, "cos")
     with pytest.raises(ValueError, match=r"kind='exp' needs tau > 0"):
         jsd_similarity(J, "exp")

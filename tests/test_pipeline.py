@@ -41,13 +41,13 @@ def run_dir(tmp_path_factory, ray_cluster) -> Path:
     with pytest.raises(Interrupted):
         first.run()
     state = json.loads((out / "stages.json").read_text())
-    assert [state[s]["status"] for s in ("tasks", "probes", "estimate", "tune", "train")] == \
-        ["done", "done", "done", "done", "failed"]
+    assert [state[s]["status"] for s in ("tasks", "probes", "estimate", "tune", "select", "train")] == \
+        ["done", "done", "done", "done", "done", "failed"]
     assert (out / "likelihoods.npz").exists() and not (out / "train" / "summary.json").exists()
 
     timings = Pipeline(cfg, resume=True).run()
     assert {s: status for s, status, _ in timings} == {
-        "tasks": "cached", "probes": "cached", "estimate": "cached", "tune": "cached",
+        "tasks": "cached", "probes": "cached", "estimate": "cached", "tune": "cached", "select": "cached",
         "train": "done", "report": "done"}
     return out
 
@@ -65,6 +65,7 @@ def test_run_directory_follows_the_contract(run_dir):
     assert (run_dir / "jsd.npz").exists()
 
     mixture = json.loads((run_dir / "mixture.json").read_text())
+    assert mixture == json.loads((run_dir / "tune" / "best.json").read_text())  # Tune's pick, via the select step
     assert mixture["format"] == "taskpgm-mixture/1"
     assert set(mixture) >= {"weights", "method", "affinity", "hyperparameters", "energy", "kkt_residual", "sizes",
                             "inputs_hash", "created"}
@@ -96,6 +97,16 @@ def test_run_directory_follows_the_contract(run_dir):
     report = json.loads((run_dir / "report" / "summary.json").read_text())
     assert [r["task"] for r in report["tasks"]] == names
 
+    # signal checks: every proxy of the pretrained base learned its (non-noise) task, and the run says so
+    signal = json.loads((run_dir / "estimate" / "signal.json").read_text())
+    assert report["signal"] == signal and "Signal checks" in (run_dir / "report" / "summary.md").read_text()
+    for name in ("reverse_a", "reverse_b", "copy", "sort"):
+        t = signal["tasks"][name]
+        assert t["learned"] and t["gain"] >= 0.10 and t["gain_low"] > 0, (name, t)
+    assert signal["affinity"]["snr"] >= 2 and signal["tasks"]["reverse_a"]["nearest"] == "reverse_b"
+    info = {n: signal["tasks"][n]["information_gain_low"] for n in ("noise_a", "reverse_a")}
+    assert info["noise_a"] <= 0 < info["reverse_a"], info
+
 
 def _wandb_records(run: Path) -> list[dict]:
     wandb = Path(sys.executable).parent / "wandb"
@@ -124,8 +135,41 @@ def test_rerun_is_cached_and_a_training_change_reruns_only_training(run_dir):
     cfg = config_from_dict(data, source=str(TEST_CONFIG))
     assert {s for s, status, _ in Pipeline(cfg).run() if status != "cached"} == set()
 
-    data["train"]["steps"] = 60
+    data["train"]["eval_every"] = 60  # a setting of the final fine-tune only
     cfg = config_from_dict(data, source=str(TEST_CONFIG))
     rerun = {s for s, status, _ in Pipeline(cfg).run() if status != "cached"}
     assert rerun == {"train", "report"}
-    assert json.loads((run_dir / "train" / "summary.json").read_text())["steps"] == 60
+    assert [h["step"] for h in json.loads((run_dir / "train" / "summary.json").read_text())["history"]] == [60, 120]
+
+    data["tune"]["enabled"] = False  # the energy's mixture now: select, train and report run again, nothing else
+    cfg = config_from_dict(data, source=str(TEST_CONFIG))
+    rerun = {s for s, status, _ in Pipeline(cfg).run() if status != "cached"}
+    assert rerun == {"select", "train", "report"}
+    assert json.loads((run_dir / "mixture.json").read_text()) == \
+        json.loads((run_dir / "estimate" / "mixture.json").read_text())
+
+
+def test_compare_scores_every_method_on_the_test_split_with_the_same_budget(run_dir):
+    import yaml
+
+    from taskpgm_ray.compare import compare_command
+    from taskpgm_ray.config import TEST_CONFIG
+
+    data = yaml.safe_load(TEST_CONFIG.read_text())
+    data["output_dir"] = str(run_dir)
+    data["train"].update(steps=20, eval_every=10, num_workers=1, cpus_per_worker=0.9)  # two fine-tunes side by side
+    cfg = config_from_dict(data, source=str(TEST_CONFIG))
+    results = compare_command(cfg, seeds=[0])
+    saved = json.loads((run_dir / "compare" / "results.json").read_text())
+    assert saved["format"] == "taskpgm-compare/1" and saved["metric"] == "mean test loss over scored tasks"
+    assert "noise_a" not in saved["scored_tasks"] and len(saved["scored_tasks"]) == 5  # noise: score false
+    (row,) = saved["seeds"]
+    assert row["seed"] == 0 and set(row["test_loss"]) == {"taskpgm", "uniform", "size", "temperature"}
+    for method, per_task in row["per_task"].items():
+        assert row["test_loss"][method] == pytest.approx(np.mean([per_task[t] for t in saved["scored_tasks"]]))
+        assert abs(sum(row["weights"][method].values()) - 1) < 1e-9
+    assert [c[0] for c in row["curves"]["uniform"]] == [10, 20]
+    assert results["methods"]["temperature"]["source"].startswith("T = 2, chosen on validation")
+    again = compare_command(cfg, seeds=[0])  # every fine-tune cached
+    assert again["seeds"][0]["test_loss"] == row["test_loss"]
+    assert (run_dir / "compare" / "compare.png").stat().st_size > 5000

@@ -17,7 +17,8 @@ TASKS = ["reverse_a", "sort", "add"]
 
 def make_config(out, **overrides):
     data = yaml.safe_load(TEST_CONFIG.read_text())
-    base = {"output_dir": str(out), "synthetic.include": TASKS, "probes.steps": 3, "probes.batch_size": 8,
+    base = {"output_dir": str(out), "synthetic.include": TASKS, "model.name": "tiny", "probes.steps": 3,
+            "probes.batch_size": 8,
             "probes.max_retries": 1, "tracking.wandb": "disabled"}
     return config_from_dict(data, overrides={**base, **overrides})
 

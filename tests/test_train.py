@@ -31,7 +31,7 @@ def _task(name: str, n_train: int) -> TaskData:
 
 @pytest.fixture
 def small(tmp_path):
-    cfg = load_config(test_mode=True, overrides={"output_dir": str(tmp_path)})
+    cfg = load_config(test_mode=True, overrides={"output_dir": str(tmp_path), "train.repetition_cap": None})
     return cfg, [_task("a", 10), _task("b", 5), _task("c", 3)]
 
 
@@ -116,7 +116,7 @@ def base(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("train")
     cfg = load_config(test_mode=True, overrides={
-        "output_dir": str(root / "shared"), "train.steps": STEPS, "train.eval_every": 4,
+        "output_dir": str(root / "shared"), "model.name": "tiny", "train.steps": STEPS, "train.eval_every": 4,
         "train.checkpoint_every": 4, "train.warmup_steps": 2, "train.audit_samples": True,
         "tracking.wandb": "disabled"})
     return cfg, load_tasks(cfg), root

@@ -17,6 +17,7 @@ import numpy as np
 
 from taskpgm_ray.config import EnergyConfig, StableConfig
 from taskpgm_ray.distributed.solve import solve_from_sums
+from taskpgm_ray.mixture.signal import information_gain
 
 
 @dataclass
@@ -28,6 +29,11 @@ class ShardSums:
     count: int  # examples in the shard
     jsd_sum: np.ndarray | None = None  # (n, n) summed per-token JSD between proxies
     tokens: int = 0  # response tokens in the shard
+    base: float = 0.0  # the base model's summed response log-likelihood on the shard
+    information: float = 0.0  # own proxy: sum over examples of log p(y_k | x_k) - log p(y_k | x_{k+1})
+    base_information: float = 0.0  # the same under the base model
+    information_count: int = 0  # examples in those two sums (0 for a one-example shard: no rotation)
+    information_sq: float = 0.0  # sum over those examples of the squared per-example gain (proxy minus base)
 
 
 class MixtureOptimizer:
@@ -39,20 +45,26 @@ class MixtureOptimizer:
         energy: the energy settings ``solve_from_sums`` uses.
         stop: the anytime stopping rule, or None to never call the mixture stable.
         utilities: per-task utilities for ``energy.unary == "utility"``.
+        max_weights: per-task upper bounds on the weights (``solve.weight_caps``), or None.
+        sizes: training examples per task (the energy's prior needs them).
     """
 
     def __init__(self, n: int, total_shards: int, energy: EnergyConfig, stop: StableConfig | None = None,
-                 utilities: Sequence[float | None] | None = None):
+                 utilities: Sequence[float | None] | None = None, max_weights: np.ndarray | None = None,
+                 sizes: Sequence[int] | None = None):
         self._n = n
         self._total = max(1, total_shards)
         self._energy = energy
         self._stop = stop
         self._utilities = utilities
+        self._max_weights = max_weights  # per-task caps (repetition cap x data size / budget), or None
+        self._sizes = sizes  # training examples per task, for the energy's size/temperature prior
         self._shards: list[ShardSums] = []  # every shard received, for the bootstrap
         self._loglik_sum = np.zeros((n, n))  # running column sums, arrival order
         self._count = np.zeros(n)
         self._jsd_sum = np.zeros((n, n))
         self._tokens = 0
+        self._info = np.zeros((4, n))  # information, base information, example counts, squared gains
         self._weights: np.ndarray | None = None  # the latest mixture (None until every column has data)
         self._streak = 0  # consecutive updates whose L1 change was below tol
         self._trajectory: list[dict] = []  # one entry per solved update
@@ -65,8 +77,10 @@ class MixtureOptimizer:
         if shard.jsd_sum is not None:
             self._jsd_sum += shard.jsd_sum
             self._tokens += shard.tokens
-        if np.all(self._count > 0):
-            weights = self._solve(self._loglik_sum, self._count, self._jsd_sum, self._tokens)
+        self._info[:, shard.task] += (shard.information, shard.base_information, shard.information_count,
+                                      shard.information_sq)
+        if np.all(self._count > 0) and self._ready():
+            weights = self._solve(self._loglik_sum, self._count, self._jsd_sum, self._tokens, self._info)
             change = float(np.abs(weights - self._weights).sum()) if self._weights is not None else float("inf")
             self._streak = self._streak + 1 if self._stop is not None and change < self._stop.tol else 0
             self._weights = weights
@@ -100,29 +114,37 @@ class MixtureOptimizer:
         A task with a single shard contributes no variability (shard_size sets the resolution).
         Returns None when ``n_boot`` is 0 or some column has no data.
         """
-        if n_boot <= 0 or not np.all(self._count > 0):
+        if n_boot <= 0 or not np.all(self._count > 0) or not self._ready():
             return None
         rng = np.random.default_rng(seed)
         by_task = [[s for s in self._shards if s.task == j] for j in range(self._n)]
         samples = []
         for _ in range(n_boot):
             ll, cnt, jsd, tok = np.zeros((self._n, self._n)), np.zeros(self._n), np.zeros((self._n, self._n)), 0
+            info = np.zeros((4, self._n))
             for j, group in enumerate(by_task):
                 for k in rng.integers(0, len(group), len(group)):
                     s = group[k]
                     ll[:, j] += s.loglik
                     cnt[j] += s.count
+                    info[:, j] += (s.information, s.base_information, s.information_count, s.information_sq)
                     if s.jsd_sum is not None:
                         jsd += s.jsd_sum
                         tok += s.tokens
-            samples.append(self._solve(ll, cnt, jsd, tok))
+            samples.append(self._solve(ll, cnt, jsd, tok, info))
         W = np.array(samples)
         q = 100 * (1 - level) / 2
         return {"resamples": n_boot, "level": level, "unit": "shard within task",
                 "mean": W.mean(0).tolist(), "std": W.std(0).tolist(),
                 "low": np.percentile(W, q, axis=0).tolist(), "high": np.percentile(W, 100 - q, axis=0).tolist()}
 
-    def _solve(self, loglik_sum, count, jsd_sum, tokens) -> np.ndarray:
+    def _ready(self) -> bool:
+        """Whether the energy's inputs exist yet (the information unary needs a rotated pair per task)."""
+        return self._energy.unary != "information" or bool(np.all(self._info[2] > 0))
+
+    def _solve(self, loglik_sum, count, jsd_sum, tokens, info) -> np.ndarray:
         jsd = (jsd_sum, tokens) if tokens > 0 else (None, None)
-        weights, _, _ = solve_from_sums(loglik_sum, count, *jsd, self._energy, utilities=self._utilities)
+        weights, _, _ = solve_from_sums(loglik_sum, count, *jsd, self._energy, utilities=self._utilities,
+                                        information=information_gain(*info), max_weights=self._max_weights,
+                                        sizes=self._sizes)
         return weights

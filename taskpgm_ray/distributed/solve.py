@@ -1,7 +1,8 @@
-"""Stages 4-5 from cached sums: affinity, energy matrix and mixture, with no model in sight.
+"""Stages 4-5 from cached sums: the config's energy settings applied to ``mixture.taskpgm_mixture``.
 
-Pure numpy on top of ``taskpgm_ray.mixture``; the central optimiser calls it after every shard, and the
-pipeline and Tune call it to re-solve the same sums for other energy hyperparameters.
+Pure numpy on top of ``taskpgm_ray.mixture`` (no Ray; it lives here because it reads the config); the
+central optimiser calls it after every shard, and the pipeline and Tune call it to re-solve the same sums
+for other energy hyperparameters.
 """
 
 from __future__ import annotations
@@ -38,47 +39,67 @@ def affinity_from_sums(loglik_sum: np.ndarray, count: np.ndarray, jsd_sum: np.nd
     raise ValueError(f"unknown affinity {affinity!r}; choose 'pmi' or 'jsd'")
 
 
+def weight_caps(sizes: Sequence[int], repetition_cap: float | None, examples_budget: int) -> np.ndarray | None:
+    """Per-task upper bounds so that no task is asked for more than ``repetition_cap`` epochs of its data:
+    ``min(1, cap * N_i / budget)`` with budget = training steps x global batch (None without a cap).
+
+    Raises:
+        ValueError: the caps cannot add up to 1 (the budget needs more epochs than the cap allows).
+    """
+    if repetition_cap is None:
+        return None
+    caps = np.minimum(1.0, repetition_cap * np.asarray(sizes, dtype=np.float64) / max(1, examples_budget))
+    if caps.sum() < 1.0 - 1e-9:
+        raise ValueError(f"train.repetition_cap {repetition_cap:g}: {examples_budget} training examples need "
+                         f"{examples_budget / max(1, sum(sizes)):.3g} epochs of all the data; raise the cap or "
+                         f"lower train.steps")
+    return caps
+
+
+def mixture_caps(cfg, tasks) -> np.ndarray | None:
+    """``weight_caps`` for a run: ``train.repetition_cap`` epochs of each task's training data within the final
+    fine-tune's budget (steps x micro batch x accumulation x workers)."""
+    t = cfg.train
+    budget = t.steps * t.micro_batch_size * t.grad_accum * t.num_workers
+    return weight_caps([len(task.train) for task in tasks], t.repetition_cap, budget)
+
+
 def solve_from_sums(loglik_sum: np.ndarray, count: np.ndarray, jsd_sum: np.ndarray | None,
                     jsd_count: float | np.ndarray | None, energy_cfg: EnergyConfig,
-                    utilities: Sequence[float | None] | None = None):
-    """Solve the TaskPGM mixture from estimation sums.
+                    utilities: Sequence[float | None] | None = None, information: np.ndarray | None = None,
+                    max_weights: np.ndarray | None = None, sizes: Sequence[int] | None = None):
+    """Solve the TaskPGM mixture from estimation sums with a config's energy (``mixture.taskpgm_mixture``).
 
     Args:
         loglik_sum: (n, n) summed response log-likelihoods, row = proxy i, column = task j's probe set.
         count: (n,) probe examples summed in each column.
         jsd_sum, jsd_count: (n, n) summed per-token JSD and the number of tokens (or None without JSD).
-        energy_cfg: affinity, kernel (tau, eps), beta, lam, unary, method, budget, min/max weight.
+        energy_cfg: every ``energy`` setting.
         utilities: per-task utilities, needed when ``energy_cfg.unary == "utility"``.
+        information: (n,) each proxy's input-output information gain over the base on its own task
+            (``mixture.signal.information_gain``), needed when ``energy_cfg.unary == "information"``.
+        max_weights: (n,) per-task upper bounds (``weight_caps``), combined with ``energy_cfg.max_weight``.
+        sizes: (n,) training examples per task, needed by the size and temperature priors.
 
     Returns:
-        ``(weights (n,), MixtureSolution, S)`` where S is the (n, n) energy matrix that was minimised.
-        With a budget k < n the solution is the minimiser over the greedily chosen k tasks and the
-        other weights are 0 (``solution.extra["selected"]`` lists the chosen indices).
+        ``(weights (n,), MixtureSolution, K)`` where K is the (n, n) energy matrix before the prior term.
+        With a budget k < n the other weights are 0 (``solution.extra["selected"]`` lists the chosen tasks).
     """
-    from taskpgm_ray.mixture import energy_matrix, minimize_energy, select_budgeted
+    from taskpgm_ray.mixture.taskpgm import taskpgm_mixture
 
     e = energy_cfg
-    A = affinity_from_sums(loglik_sum, count, jsd_sum, jsd_count, e.affinity)
-    S = energy_matrix(A, e.kernel, tau=e.tau, eps=e.eps)
-    n = S.shape[0]
-    unary = None
-    if e.unary == "utility":
-        missing = [i for i, u in enumerate(utilities or [None] * n) if u is None]
-        if utilities is None or missing:
-            raise ValueError(f"energy.unary 'utility' needs a `utility` for every task; missing for task "
-                             f"index(es) {missing}")
-        unary = np.asarray(utilities, dtype=np.float64)
-    bounds = {"min_weight": e.min_weight, "max_weight": e.max_weight}
-    if e.budget is not None and e.budget < n:
-        keep = select_budgeted(S, e.budget, beta=e.beta, lam=e.lam, unary=unary)
-        sub_unary = None if unary is None else unary[keep]
-        if sub_unary is None:  # representativeness stays the row sums over *all* tasks, as in the greedy
-            sub_unary = S.sum(1)[keep]
-        sol = minimize_energy(S[np.ix_(keep, keep)], beta=e.beta, lam=e.lam, unary=sub_unary, method=e.method,
-                              **bounds)
-        weights = np.zeros(n)
-        weights[keep] = sol.weights
-        sol.extra["selected"] = list(map(int, keep))
-        return weights, sol, S
-    sol = minimize_energy(S, beta=e.beta, lam=e.lam, unary=unary, method=e.method, **bounds)
-    return np.asarray(sol.weights, dtype=np.float64), sol, S
+    jsd_mean = None
+    if e.affinity == "jsd":
+        if jsd_sum is None or jsd_count is None or np.any(np.asarray(jsd_count, dtype=np.float64) <= 0):
+            raise ValueError("energy.affinity 'jsd' needs JSD sums: run estimation with estimation.jsd: true")
+        jsd_mean = np.asarray(jsd_sum, dtype=np.float64) / np.asarray(jsd_count, dtype=np.float64)
+    upper = e.max_weight
+    if max_weights is not None:
+        upper = np.minimum(max_weights, 1.0 if e.max_weight is None else e.max_weight)
+    sol = taskpgm_mixture(
+        loglik_sum, count, beta=e.beta, lam=e.lam, affinity=e.affinity, jsd_mean=jsd_mean, kernel=e.kernel,
+        tau=e.tau, eps=e.eps, unary=e.unary, information=information,
+        utilities=list(utilities) if utilities is not None else None, normalize=e.normalize, prior=e.prior,
+        prior_temperature=e.prior_temperature, prior_strength=e.prior_strength, sizes=sizes, floor=e.floor,
+        min_weight=e.min_weight, max_weight=upper, budget=e.budget, method=e.method)
+    return np.asarray(sol.weights, dtype=np.float64), sol, sol.extra["K"]

@@ -26,7 +26,7 @@ from taskpgm_ray.mixture.baselines import baseline_weights
 from taskpgm_ray.mixture.block_matrix import BlockLowRank
 from taskpgm_ray.mixture.bootstrap import BootstrapResult, bootstrap_weights
 from taskpgm_ray.mixture.budgeted import BudgetedSelection, select_budgeted, select_budgeted_report
-from taskpgm_ray.mixture.kernels import energy_matrix, exp_kernel, jsd_similarity, psd_shift, symmetrize
+from taskpgm_ray.mixture.kernels import eig_clip, energy_matrix, exp_kernel, jsd_similarity, psd_shift, symmetrize
 from taskpgm_ray.mixture.solvers import METHODS, MixtureSolution, minimize_energy
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "bootstrap_weights",
     "complete_likelihoods",
     "compress_topk",
+    "eig_clip",
     "energy_matrix",
     "exp_kernel",
     "initial_pairs",

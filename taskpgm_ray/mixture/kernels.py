@@ -4,14 +4,20 @@ This is a separate, named step because ``minimize_energy`` takes its matrix as g
 is symmetric, <= 0 off the diagonal in practice, with a zero diagonal, so it is indefinite (its trace
 is 0); ``psd_shift`` adds ``(|lambda_min| + eps) I``. On the simplex ``p^T (S + c I) p = p^T S p + c ||p||^2``
 and the row sums of S + c I are those of S plus c, which changes ``u^T p`` by the constant c: so the
-shift keeps the unary term's effect and only adds a spreading term ``(lam c / 2) ||p||^2``.
+shift keeps the unary term's effect and only adds a spreading term ``(lam c / 2) ||p||^2``. That term
+grows with the most negative eigenvalue, which for a PMI matrix is large (about -(n - 1) times the mean
+dissimilarity, along the all-ones direction), so the shift can drown the pairwise structure.
+
+``eig_clip`` instead sets the negative eigenvalues to 0 (the nearest PSD matrix in Frobenius norm). On the
+simplex ``p^T 1 1^T p = 1``, so removing the all-ones component changes the energy by a constant: clipping
+keeps the pairwise structure that the shift flattens.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-KERNELS = ("psd", "exp")
+KERNELS = ("psd", "clip", "exp")
 
 
 def _square(A, name: str) -> np.ndarray:
@@ -36,6 +42,16 @@ def psd_shift(S: np.ndarray, eps: float = 0.0) -> np.ndarray:
     S = symmetrize(S)
     lam_min = float(np.linalg.eigvalsh(S)[0])
     return S + (max(0.0, -lam_min) + eps) * np.eye(S.shape[0])
+
+
+def eig_clip(S: np.ndarray, eps: float = 0.0) -> np.ndarray:
+    """V max(Lambda, 0) V^T + eps I for symmetric S = V Lambda V^T: the nearest PSD matrix, plus eps."""
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    S = symmetrize(S)
+    vals, vecs = np.linalg.eigh(S)
+    K = (vecs * np.maximum(vals, 0.0)) @ vecs.T
+    return 0.5 * (K + K.T) + eps * np.eye(S.shape[0])
 
 
 def exp_kernel(S: np.ndarray, tau: float, eps: float = 0.0) -> np.ndarray:
@@ -66,10 +82,13 @@ def energy_matrix(
 ) -> np.ndarray:
     """The symmetric PSD matrix ``minimize_energy`` needs, from an affinity (PMI S or a JSD similarity).
 
-    kernel="psd": ``psd_shift(symmetrize(A), eps)``; kernel="exp": ``exp_kernel(A, tau, eps)``.
+    kernel="psd": ``psd_shift(symmetrize(A), eps)``; kernel="clip": ``eig_clip(A, eps)``;
+    kernel="exp": ``exp_kernel(A, tau, eps)``.
     """
     if kernel == "psd":
         return psd_shift(affinity, eps)
+    if kernel == "clip":
+        return eig_clip(affinity, eps)
     if kernel == "exp":
         return exp_kernel(affinity, tau, eps)
     raise ValueError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")

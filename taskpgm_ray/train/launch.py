@@ -38,7 +38,8 @@ def build_trainer(cfg: Config, tasks: list[TaskData], weights: Mapping[str, floa
         name: Ray run name; with the fixed storage path, re-running the same name resumes from its last checkpoint.
         steps, num_workers: override ``cfg.train.steps`` / ``cfg.train.num_workers`` (Tune's short trials).
         callbacks: Ray Train callbacks, e.g. ``[ray.tune.integration.ray_train.TuneReportCallback()]``.
-        eval_split: ``"eval"`` or ``"probe"`` (the held-out split evaluated and reported).
+        eval_split: ``"eval"``, ``"probe"`` or ``"test"`` (the held-out split evaluated and reported; ``test`` is
+            for `taskpgm compare`, which no selection sees).
         sampler: ``"mixture"``, or ``"uniform"`` (every example equally likely; a benchmark baseline).
         fail_at_step: test hook: the last rank raises once after this step (recovery through FailureConfig).
 
@@ -54,8 +55,8 @@ def build_trainer(cfg: Config, tasks: list[TaskData], weights: Mapping[str, floa
     from taskpgm_ray.train.deepspeed_config import deepspeed_config
     from taskpgm_ray.train.recipe import train_loop_per_worker
 
-    if eval_split not in ("eval", "probe"):
-        raise ValueError(f"eval_split: must be 'eval' or 'probe', got {eval_split!r}")
+    if eval_split not in ("eval", "probe", "test"):
+        raise ValueError(f"eval_split: must be 'eval', 'probe' or 'test', got {eval_split!r}")
     if sampler not in ("mixture", "uniform"):
         raise ValueError(f"sampler: must be 'mixture' or 'uniform', got {sampler!r}")
     tc = dataclasses.replace(cfg.train, steps=steps or cfg.train.steps,
@@ -74,6 +75,7 @@ def build_trainer(cfg: Config, tasks: list[TaskData], weights: Mapping[str, floa
                    "train": [(ex.id, ex.prompt, ex.response) for ex in t.train],
                    "eval": [(ex.id, ex.prompt, ex.response) for ex in getattr(t, eval_split)]} for t in tasks],
         "weights": [ordered[t.name] for t in tasks],
+        "scored": [getattr(t, "score", True) for t in tasks],
         "eval_split": eval_split,
         "run_dir": str(run_dir),
         "sampler": sampler,

@@ -273,7 +273,11 @@ class MixtureFinetune:
         self.engine.train()
         self.last_eval = {"step": self.step, "loss": loss, **result}
         self.history.append(self.last_eval)
+        # The selection metric (Tune's): the mean over the scored tasks only (tasks[*].score).
+        scored = [n for n, keep in zip(self.task_names, self.config.get("scored") or []) if keep] or self.task_names
+        result["eval_loss_scored"] = float(np.mean([result["eval_loss_per_task"][n] for n in scored]))
         metrics = {"step": self.step, "loss": loss, "lr": lr, "eval_loss_mean": result["eval_loss_mean"],
+                   "eval_loss_scored": result["eval_loss_scored"],
                    "eval_accuracy_mean": result["eval_accuracy_mean"], **self._throughput()}
         for name in self.task_names:
             metrics[f"eval_loss/{name}"] = result["eval_loss_per_task"][name]
@@ -333,6 +337,7 @@ class MixtureFinetune:
             "eval_loss_per_task": ev.get("eval_loss_per_task", {}),
             "eval_accuracy_per_task": ev.get("eval_accuracy_per_task", {}),
             "eval_loss_mean": ev.get("eval_loss_mean"),
+            "eval_loss_scored": ev.get("eval_loss_scored"),
             "eval_accuracy_mean": ev.get("eval_accuracy_mean"),
             "throughput": {**self._throughput(), "train_seconds": self.train_seconds},
             "removed_tasks": self.sampler.removed_tasks(),

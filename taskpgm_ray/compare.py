@@ -1,0 +1,274 @@
+"""``taskpgm compare``: does the mixture pay for itself? The run's TaskPGM mixture against uniform, size and
+temperature sampling, each fine-tuned with the same budget and scored on the TEST split.
+
+Every method gets the run's final fine-tune (``train``: steps x micro batch x accumulation x workers, the
+same learning rate and schedule); per seed, ``train.seed`` is the seed. Scores are the per-task mean
+response-token NLL on each task's test split, which no selection ever saw (Tune selects on the validation
+split); the metric is their mean over the scored tasks (``tasks[*].score``). Which mixtures:
+
+- ``taskpgm``: the best TaskPGM trial of ``tune/results.json`` when Tune ran, else ``estimate/mixture.json``;
+- ``uniform``, ``size``; ``temperature`` with T chosen on validation (the best temperature trial of Tune; the
+  first of ``tune.temperatures`` without one);
+- every ``--mixture FILE``, by its file stem.
+
+Each fine-tune is cached under ``compare/runs/`` by (method, weights, train settings, tasks, seed), so a
+re-run only trains what is new. Writes ``compare/results.json`` (CONTRACT.md), ``compare/summary.md`` and
+``compare/compare.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from taskpgm_ray.config import Config
+from taskpgm_ray.io import atomic_write_json, atomic_write_text
+from taskpgm_ray.tasks import TaskData
+
+FORMAT = "taskpgm-compare/1"
+METRIC = "mean test loss over scored tasks"
+BASELINES = ("uniform", "size", "temperature")
+FIT_CPU = 0.01  # the driver task of one fine-tune holds almost nothing; its Train workers hold the CPUs
+
+
+# --------------------------------------------------------------------------------------------------
+# which mixtures
+
+
+def run_mixtures(cfg: Config, tasks: list[TaskData], extra: list[str | Path] = ()) -> dict[str, dict[str, Any]]:
+    """``{method: {"weights": {task: w}, "source": str, ...}}`` for taskpgm, the baselines and ``extra`` files."""
+    from taskpgm_ray.mixture import baseline_weights
+    from taskpgm_ray.mixture_file import read_mixture
+
+    out_dir = Path(cfg.output_dir)
+    names = [t.name for t in tasks]
+    sizes = np.array([len(t.train) for t in tasks], dtype=float)
+    tune = _read_json(out_dir / "tune" / "results.json")
+    trials = [t for t in (tune or {}).get("trials", []) if _finite(t.get("validation_loss"))]
+    mixtures: dict[str, dict[str, Any]] = {}
+
+    taskpgm_trials = [t for t in trials if t["kind"] == "taskpgm"]
+    if taskpgm_trials:
+        best = min(taskpgm_trials, key=lambda t: t["validation_loss"])
+        mixtures["taskpgm"] = {"weights": best["weights"], "source": "tune/results.json (best TaskPGM trial)",
+                               "hyperparameters": best["hyperparameters"], "validation_loss": best["validation_loss"]}
+    elif (out_dir / "estimate" / "mixture.json").exists():
+        m = read_mixture(str(out_dir / "estimate" / "mixture.json"))
+        mixtures["taskpgm"] = {"weights": m["weights"], "source": "estimate/mixture.json",
+                               "hyperparameters": m.get("hyperparameters")}
+    else:
+        raise FileNotFoundError(f"{out_dir}: no TaskPGM mixture (neither tune/results.json nor "
+                                f"estimate/mixture.json); run `taskpgm run` (or `taskpgm estimate`) first")
+
+    for kind in ("uniform", "size"):
+        mixtures[kind] = {"weights": dict(zip(names, map(float, baseline_weights(kind, sizes)))), "source": kind}
+        tried = [t for t in trials if t["kind"] == kind]
+        if tried:
+            mixtures[kind]["validation_loss"] = tried[0]["validation_loss"]
+    temps = [t for t in trials if t["kind"] == "temperature"]
+    if temps:
+        best = min(temps, key=lambda t: t["validation_loss"])
+        T, source, val = float(best["params"]["temperature"]), "chosen on validation by Tune", best["validation_loss"]
+    else:
+        T, source, val = float(cfg.tune.temperatures[0]), "tune.temperatures[0] (no Tune trials to choose from)", None
+    mixtures["temperature"] = {"weights": dict(zip(names, map(float, baseline_weights("temperature", sizes,
+                                                                                      temperature=T)))),
+                               "source": f"T = {T:g}, {source}", "temperature": T, "validation_loss": val}
+    for path in extra:
+        stem = Path(path).stem
+        if stem in mixtures:
+            raise ValueError(f"--mixture {path}: its name {stem!r} clashes with a built-in method; rename the file")
+        m = read_mixture(str(path))
+        mixtures[stem] = {"weights": m["weights"], "source": str(path)}
+    return mixtures
+
+
+# --------------------------------------------------------------------------------------------------
+# the fine-tunes
+
+
+def _fit(cfg: Config, tasks: list[TaskData], weights: dict[str, float], run_dir: str) -> dict:
+    """One fine-tune scored on the test split (runs as a Ray task so several can share the cluster)."""
+    from taskpgm_ray.train import build_trainer
+
+    result = build_trainer(cfg, tasks, weights, run_dir=run_dir, name="compare", eval_split="test").fit()
+    if result.return_value is None:
+        raise RuntimeError(f"compare fine-tune in {run_dir} returned no summary ({result.error})")
+    return result.return_value
+
+
+def compare_command(cfg: Config, *, mixtures: list[str | Path] = (), seeds: list[int] | None = None,
+                    tasks: list[TaskData] | None = None) -> dict[str, Any]:
+    """Fine-tune every mixture with the run's budget for every seed, score on test, write ``compare/``.
+
+    Raises:
+        ValueError: a task without test examples, a bad mixture file, or a train config that does not fit.
+        FileNotFoundError: the run has no TaskPGM mixture yet.
+    """
+    import ray
+
+    from taskpgm_ray.distributed.cluster import cluster_resources, init_ray
+    from taskpgm_ray.models import ensure_run_tokenizer
+    from taskpgm_ray.pipeline import digest
+    from taskpgm_ray.tasks import load_tasks
+    from taskpgm_ray.train.validation import validate_mixture
+
+    t0 = time.perf_counter()
+    tasks = load_tasks(cfg) if tasks is None else tasks
+    missing = [t.name for t in tasks if not t.test]
+    if missing:
+        raise ValueError(f"compare scores on each task's test split; task(s) {', '.join(map(repr, missing))} have "
+                         f"none: give them a source with a 'test' split")
+    scored = [t.name for t in tasks if t.score] or [t.name for t in tasks]
+    methods = run_mixtures(cfg, tasks, mixtures)
+    for m in methods.values():
+        validate_mixture(m["weights"], tasks, cfg)  # every problem before any worker starts
+    seeds = list(seeds) if seeds else [cfg.train.seed]
+    out_dir = Path(cfg.output_dir).resolve()
+    ensure_run_tokenizer(cfg.model, out_dir)
+    init_ray()
+    tc = cfg.train
+    have = cluster_resources()
+    per_fit = tc.num_workers * tc.cpus_per_worker + FIT_CPU
+    if per_fit > have["CPU"] + 1e-9:
+        raise ValueError(f"train: a fine-tune needs {per_fit:g} CPUs but the cluster has {have['CPU']:g}")
+    fit = ray.remote(_fit).options(num_cpus=FIT_CPU, max_retries=0)
+
+    summaries: dict[tuple[int, str], dict] = {}
+    pending: dict[Any, tuple[int, str, Path]] = {}
+    for seed in seeds:
+        scfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, seed=seed, checkpoint_every=0))
+        for method, m in methods.items():
+            key = digest(m["weights"], dataclasses.asdict(scfg.train), dataclasses.asdict(cfg.model),
+                         [(t.name, t.hash) for t in tasks])
+            run_dir = out_dir / "compare" / "runs" / f"{method}-seed{seed}-{key}"
+            path = run_dir / "summary.json"
+            if path.exists():
+                summaries[(seed, method)] = json.loads(path.read_text())
+                continue
+            pending[fit.remote(scfg, tasks, m["weights"], str(run_dir))] = (seed, method, path)
+    while pending:  # Ray runs as many fine-tunes side by side as the cluster's CPUs allow
+        (ref,), _ = ray.wait(list(pending), num_returns=1)
+        seed, method, path = pending.pop(ref)
+        summary = ray.get(ref)
+        atomic_write_json(path, summary)
+        summaries[(seed, method)] = summary
+
+    results = _results(tasks, scored, methods, seeds, summaries)
+    results["seconds"] = time.perf_counter() - t0
+    atomic_write_json(out_dir / "compare" / "results.json", results)
+    atomic_write_text(out_dir / "compare" / "summary.md", summary_markdown(results))
+    plot_compare(results, out_dir / "compare" / "compare.png")
+    return results
+
+
+# --------------------------------------------------------------------------------------------------
+# results
+
+
+def _scored_mean(per_task: dict[str, float], scored: list[str]) -> float:
+    return float(np.mean([per_task[n] for n in scored]))
+
+
+def _results(tasks, scored, methods, seeds, summaries) -> dict[str, Any]:
+    """The ``taskpgm-compare/1`` document, plus curves, steps to uniform's loss and the trial/final ranks."""
+    rows = []
+    for seed in seeds:
+        row: dict[str, Any] = {"seed": seed, "test_loss": {}, "per_task": {}, "weights": {}, "curves": {},
+                               "accuracy": {}}
+        for method, m in methods.items():
+            s = summaries[(seed, method)]
+            row["test_loss"][method] = _scored_mean(s["eval_loss_per_task"], scored)
+            row["per_task"][method] = {k: float(v) for k, v in s["eval_loss_per_task"].items()}
+            row["accuracy"][method] = _scored_mean(s["eval_accuracy_per_task"], scored)
+            row["weights"][method] = {k: float(v) for k, v in m["weights"].items()}
+            row["curves"][method] = [[h["step"], _scored_mean(h["eval_loss_per_task"], scored)] for h in s["history"]]
+        target = row["test_loss"]["uniform"]
+        final = max(step for step, _ in row["curves"]["uniform"])
+        row["steps_to_uniform"] = {
+            method: next((step for step, loss in curve if loss <= target + 1e-12), None)
+            for method, curve in row["curves"].items()}
+        row["steps_to_uniform_fraction"] = {k: (v / final if v is not None else None)
+                                            for k, v in row["steps_to_uniform"].items()}
+        best_baseline = min(BASELINES, key=lambda b: row["test_loss"][b])
+        row["best_baseline"] = best_baseline
+        row["taskpgm_wins"] = row["test_loss"]["taskpgm"] < row["test_loss"][best_baseline]
+        val = {k: m.get("validation_loss") for k, m in methods.items() if _finite(m.get("validation_loss"))}
+        if len(val) >= 3:  # does the ranking of the (shorter) Tune trials predict the final one?
+            keys = sorted(val)
+            row["trial_final_spearman"] = _spearman([val[k] for k in keys], [row["test_loss"][k] for k in keys])
+        rows.append(row)
+    return {
+        "format": FORMAT, "metric": METRIC, "scored_tasks": scored, "seeds": rows,
+        "methods": {k: {kk: vv for kk, vv in m.items() if kk != "weights"} for k, m in methods.items()},
+        "taskpgm_wins": sum(r["taskpgm_wins"] for r in rows),
+        "mean_test_loss": {k: float(np.mean([r["test_loss"][k] for r in rows])) for k in methods},
+    }
+
+
+def _spearman(a: list[float], b: list[float]) -> float | None:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    if np.std(ra) == 0 or np.std(rb) == 0:
+        return None
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def summary_markdown(results: dict[str, Any]) -> str:
+    """A table per seed: test loss per method (scored mean), steps to reach uniform's final loss, the winner."""
+    methods = list(results["methods"])
+    lines = [f"# taskpgm compare: {results['metric']}", "",
+             f"Scored tasks: {', '.join(results['scored_tasks'])}. Lower is better; every method has the same "
+             f"budget. TaskPGM beats the best baseline in {results['taskpgm_wins']} of {len(results['seeds'])} "
+             f"seed(s).", "",
+             "| seed | " + " | ".join(methods) + " | best baseline | TaskPGM wins | "
+             "steps to uniform's loss (TaskPGM) |",
+             "| --- | " + " | ".join("---" for _ in methods) + " | --- | --- | --- |"]
+    for r in results["seeds"]:
+        steps = r["steps_to_uniform"]["taskpgm"]
+        frac = r["steps_to_uniform_fraction"]["taskpgm"]
+        lines.append(f"| {r['seed']} | " + " | ".join(f"{r['test_loss'][m]:.4f}" for m in methods) +
+                     f" | {r['best_baseline']} | {'yes' if r['taskpgm_wins'] else 'no'} | " +
+                     (f"{steps} ({frac:.0%})" if steps is not None else "never") + " |")
+    lines.append("| mean | " + " | ".join(f"{results['mean_test_loss'][m]:.4f}" for m in methods) + " | | | |")
+    lines += ["", "Where each mixture comes from: " + "; ".join(f"{k}: {m['source']}" for k, m in
+                                                              results["methods"].items()), ""]
+    return "\n".join(lines)
+
+
+def plot_compare(results: dict[str, Any], path: Path) -> Path:
+    """Test-loss curves (scored mean) of every method, one panel per seed (at most four)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from taskpgm_ray.report import _savefig
+
+    rows = results["seeds"][:4]
+    fig, axes = plt.subplots(1, len(rows), figsize=(4.5 * len(rows), 3.4), squeeze=False)
+    for ax, r in zip(axes[0], rows):
+        for method, curve in r["curves"].items():
+            ax.plot([c[0] for c in curve], [c[1] for c in curve], "o-", ms=3, label=method)
+        ax.set_title(f"seed {r['seed']}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("test loss (scored tasks)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = _savefig(fig, path)
+    plt.close(fig)
+    return out
