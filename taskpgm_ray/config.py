@@ -473,8 +473,10 @@ def _check(cfg: Config, problems: list[str]) -> None:
         problems.append(f"energy.prior_temperature: must be > 0, got {e.prior_temperature}")
     if e.min_weight is not None and e.max_weight is not None and e.min_weight > e.max_weight:
         problems.append(f"energy.min_weight: {e.min_weight} exceeds energy.max_weight {e.max_weight}")
-    if (e.min_weight is not None or e.max_weight is not None) and e.method not in ("exact", "first_order"):
-        problems.append(f"energy.method: {e.method!r} does not support min/max weights; use 'exact' or 'first_order'")
+    bounded = e.min_weight is not None or e.max_weight is not None or e.floor > 0 or cfg.train.repetition_cap
+    if bounded and e.method not in ("exact", "first_order"):
+        problems.append(f"energy.method: {e.method!r} does not support per-task bounds (energy.floor, min/max weight, "
+                        f"train.repetition_cap); use 'exact' or 'first_order', or set energy.floor: 0")
     if e.budget is not None and e.budget < 1:
         problems.append(f"energy.budget: must be >= 1, got {e.budget}")
     tr = cfg.train

@@ -42,7 +42,8 @@ def test_shipped_test_config_loads():
         ({"energy": {"min_weight": 0.5, "max_weight": 0.1}},
          "energy.min_weight: 0.5 exceeds energy.max_weight 0.1"),
         ({"energy": {"method": "blocks", "max_weight": 0.5}},
-         "energy.method: 'blocks' does not support min/max weights; use 'exact' or 'first_order'"),
+         "energy.method: 'blocks' does not support per-task bounds (energy.floor, min/max weight, "
+         "train.repetition_cap); use 'exact' or 'first_order', or set energy.floor: 0"),
         ({"energy": {"affinity": "jsd"}, "estimation": {"jsd": False}, "tune": {"affinities": ["pmi"]}},
          "energy.affinity: 'jsd' needs estimation.jsd: true"),
         ({"energy": {"unary": "utility"}},

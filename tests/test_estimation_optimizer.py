@@ -133,3 +133,22 @@ def test_default_energy_is_the_documented_algorithm_box():
                                    dataclasses.replace(e, prior="none", lam=0.0, floor=0.0), information=info,
                                    sizes=sizes)
     assert np.argmax(greedy) == 3 and greedy[3] > 0.99
+
+
+def test_a_solve_that_did_not_converge_is_never_a_silent_mixture():
+    L, count, sizes = mean_loglik(), np.array([5, 6, 7, 8]), np.array([800, 800, 50, 3000])
+    info = np.array([4.0, 3.0, 0.1, 6.0])
+    slow = dataclasses.replace(EnergyConfig(), method="first_order")
+    import taskpgm_ray.mixture.taskpgm as box
+
+    real = box.minimize_energy
+    try:  # the solver's iteration limit hit: an error naming the residual, not a mixture.json
+        box.minimize_energy = lambda *a, **k: real(*a, **{**k, "max_iter": 1})
+        with pytest.raises(ValueError, match=r"solver 'first_order' did not reach the minimiser \(KKT residual"):
+            solve_from_sums(L * count[None, :], count, None, None, slow, information=info, sizes=sizes)
+    finally:
+        box.minimize_energy = real
+    with pytest.warns(UserWarning, match="closed_form is the paper's projection"):
+        solve_from_sums(L * count[None, :], count, None, None,
+                        dataclasses.replace(slow, method="closed_form", floor=0.0, prior="none"), information=info,
+                        sizes=sizes)

@@ -568,7 +568,12 @@ def signal_checks(names: list[str], examples: dict[str, np.ndarray], *, n_boot: 
                        "information": inf.proxy, "base_information": inf.base, "information_gain": inf.gain,
                        "information_gain_low": inf.low, "information_gain_high": inf.high}
         if snr is not None:
-            tasks[name].update(nearest=names[snr.nearest[j]], nearest_stability=snr.nearest_stability[j])
+            # Under log-likelihood, a proxy that learned no input-output mapping (noise) hedges over every
+            # answer and so looks near every task; the nearest *informative* task leaves those out.
+            informative = [k for k in range(n) if k != j and np.isfinite(info[k].low) and info[k].low > 0]
+            near = max(informative, key=lambda k: snr.affinity[j, k]) if informative else None
+            tasks[name].update(nearest=names[snr.nearest[j]], nearest_stability=snr.nearest_stability[j],
+                               nearest_informative=names[near] if near is not None else None)
         if not learned:
             warnings.append(f"the proxy of task {name!r} did not learn it: NLL {g.base_nll:.2f} -> {g.proxy_nll:.2f} "
                             f"nats/example ({g.gain:+.1%}, 90% interval {g.low:+.1%} to {g.high:+.1%}); raise "

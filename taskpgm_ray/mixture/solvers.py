@@ -140,7 +140,8 @@ def minimize_energy(
     Sp = matvec(p)
     g = lam * Sp - beta * u
     res = kkt_residual(p, g, lo, hi, scale)
-    if method in ("exact", "first_order") or scale == 0.0:
+    if method in ("exact", "first_order", "closed_form") or scale == 0.0:
+        # closed_form is the paper's projection, not the constrained minimiser: it succeeds only when it is one
         success = success and res <= max(tol, 1e-12)
     extra.setdefault("gap", frank_wolfe_gap(p, g, lo, hi))
     energy = float(0.5 * lam * (p @ Sp) - beta * (u @ p))

@@ -26,6 +26,7 @@ the pairwise structure. ``information`` (``taskpgm_ray.mixture.signal``) is near
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -153,6 +154,13 @@ def taskpgm_mixture(
     else:
         sol = minimize_energy(matrix, beta=beta, lam=solver_lam, unary=u, method=method, **bounds)
     sol.extra.update(extra)
+    if not sol.success:
+        note = (f"solver {method!r} did not reach the minimiser (KKT residual {sol.kkt_residual:.2e} after "
+                f"{sol.iterations} iterations)")
+        if method != "closed_form":
+            raise ValueError(f"{note}: use method 'exact' or raise its iteration limit")
+        warnings.warn(f"{note}: closed_form is the paper's projection, not the constrained minimiser; "
+                      f"method 'exact' finds it", stacklevel=2)
     return sol
 
 
