@@ -77,20 +77,30 @@ def seed_config(seed: int, s: dict, out_root: Path, spec: str | None):
     return config_from_dict(data, source=str(ROOT / "benchmarks" / "quality.py"))
 
 
-def run_seed(seed: int, s: dict, out_root: Path, spec: str | None) -> dict:
-    """The product path for one seed, then the planted-structure read-outs."""
+def run_seed(seed: int, s: dict, out_root: Path, spec: str | None, summarize_only: bool = False) -> dict:
+    """The product path for one seed, then the planted-structure read-outs (``summarize_only``: read a finished
+    run's artefacts instead of running anything)."""
     from taskpgm_ray.compare import compare_command
     from taskpgm_ray.pipeline import Pipeline
 
     t0 = time.time()
     cfg = seed_config(seed, s, out_root, spec)
-    pipe = Pipeline(cfg)
-    pipe.run(until="select")
-    results = compare_command(cfg, seeds=[seed], tasks=pipe.tasks)
     out = Path(cfg.output_dir)
+    if summarize_only:
+        results = json.loads((out / "compare" / "results.json").read_text())
+    else:
+        pipe = Pipeline(cfg)
+        pipe.run(until="select")
+        results = compare_command(cfg, seeds=[seed], tasks=pipe.tasks)
     manifest = json.loads(next((out / "data").glob(f"synthetic-{seed}-*/suite.json")).read_text())
     roles = {t["name"]: t["role"] for t in manifest["tasks"]}
     signal = json.loads((out / "estimate" / "signal.json").read_text())
+    if any("nearest_informative" not in t for t in signal["tasks"].values()):  # written by an older version
+        from taskpgm_ray.distributed.estimation import signal_checks
+
+        with np.load(out / "estimate" / "examples.npz") as f:
+            examples = {k: f[k] for k in f.files}
+        signal = signal_checks([str(t) for t in examples.pop("tasks")], examples, n_boot=100, seed=seed)
     default = json.loads((out / "estimate" / "mixture.json").read_text())["weights"]
     row = results["seeds"][0]
     names = list(default)
@@ -107,10 +117,12 @@ def run_seed(seed: int, s: dict, out_root: Path, spec: str | None) -> dict:
         "steps_to_uniform": row["steps_to_uniform"], "steps_to_uniform_fraction": row["steps_to_uniform_fraction"],
         "best_baseline": row["best_baseline"], "taskpgm_wins": row["taskpgm_wins"],
         "trial_final_spearman": row.get("trial_final_spearman"), "exact_match": accuracy,
-        "proxies": {n: {k: signal["tasks"][n][k] for k in ("gain", "gain_low", "gain_high", "learned",
-                                                           "information_gain", "nearest")} for n in names},
+        "proxies": {n: {k: signal["tasks"][n].get(k) for k in ("gain", "gain_low", "gain_high", "learned",
+                                                               "information_gain", "information_gain_low", "nearest",
+                                                               "nearest_informative")} for n in names},
         "affinity_snr": signal.get("affinity", {}).get("snr"), "warnings": signal["warnings"],
         "near_duplicate_nn": {n: signal["tasks"][n]["nearest"] in dups for n in dups},
+        "near_duplicate_nn_informative": {n: signal["tasks"][n].get("nearest_informative") in dups for n in dups},
         "noise_weight_vs_uniform": {n: default[n] / u for n in noise},
         "proxies_learn": {n: signal["tasks"][n]["gain"] >= 0.10 and signal["tasks"][n]["gain_low"] > 0
                           for n in scored},
@@ -123,6 +135,7 @@ def summarize(seeds: list[dict], s: dict) -> dict:
     wins = sum(r["taskpgm_wins"] for r in seeds)
     frac = [r["steps_to_uniform_fraction"]["taskpgm"] for r in seeds]
     nn = [v for r in seeds for v in r["near_duplicate_nn"].values()]
+    nn_inf = [v for r in seeds for v in r.get("near_duplicate_nn_informative", {}).values()]
     noise = [v for r in seeds for v in r["noise_weight_vs_uniform"].values()]
     learn = [v for r in seeds for v in r["proxies_learn"].values()]
     rho = [r["trial_final_spearman"] for r in seeds if r["trial_final_spearman"] is not None]
@@ -136,6 +149,9 @@ def summarize(seeds: list[dict], s: dict) -> dict:
                               "value": f"{sum(learn)}/{len(learn)}", "met": all(learn)},
             "near_duplicate_nn": {"target": ">= 2/3 of (task, seed)", "value": f"{sum(nn)}/{len(nn)}",
                                   "met": bool(nn) and sum(nn) >= 2 / 3 * len(nn)},
+            "near_duplicate_nn_among_informative": {
+                "target": ">= 2/3 of (task, seed), nearest among tasks with information gain above 0",
+                "value": f"{sum(nn_inf)}/{len(nn_inf)}", "met": bool(nn_inf) and sum(nn_inf) >= 2 / 3 * len(nn_inf)},
             "noise_weight_vs_uniform": {"target": "<= 0.25 (default energy, every noise task and seed)",
                                         "value": ", ".join(f"{x:.2f}" for x in noise),
                                         "met": all(x <= 0.25 for x in noise)},
@@ -212,6 +228,7 @@ def main() -> None:
     parser.add_argument("--spec", default=None, help="suite spec (default: the shipped one)")
     parser.add_argument("--quick", action="store_true", help="1 seed, tiny budgets: a smoke test")
     parser.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
+    parser.add_argument("--summarize", action="store_true", help="only re-read finished runs and rewrite the results")
     args = parser.parse_args()
     if args.quick and args.seeds == [0, 1, 2, 3, 4]:
         args.seeds = [0]
@@ -221,15 +238,16 @@ def main() -> None:
     out_dir = Path(args.out) if args.out else (Path("/tmp/quality-quick") if args.quick
                                                else ROOT / "benchmarks" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
-    from taskpgm_ray.distributed.cluster import init_ray
+    if not args.summarize:
+        from taskpgm_ray.distributed.cluster import init_ray
 
-    init_ray(num_cpus=2)
+        init_ray(num_cpus=2)
     command = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
     t0 = time.time()
     seeds = []
     for seed in args.seeds:
         print(f"== seed {seed} ({time.time() - t0:.0f}s elapsed)", flush=True)
-        rec = run_seed(seed, s, out_root, args.spec)
+        rec = run_seed(seed, s, out_root, args.spec, summarize_only=args.summarize)
         seeds.append(rec)
         print(f"== seed {seed}: " + ", ".join(f"{m} {v:.4f}" for m, v in rec["test_loss"].items()) +
               f"; {rec['seconds']:.0f}s", flush=True)
