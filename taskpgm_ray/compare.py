@@ -133,6 +133,10 @@ def compare_command(cfg: Config, *, mixtures: list[str | Path] = (), seeds: list
     out_dir = Path(cfg.output_dir).resolve()
     ensure_run_tokenizer(cfg.model, out_dir)
     init_ray()
+    from taskpgm_ray.tracking import resolve_tracking
+
+    # every fine-tune joins the run's W&B group (its own run directory would start a new one)
+    cfg = dataclasses.replace(cfg, tracking=resolve_tracking(cfg.tracking, out_dir))
     tc = cfg.train
     have = cluster_resources()
     per_fit = tc.num_workers * tc.cpus_per_worker + FIT_CPU
