@@ -1,12 +1,16 @@
-"""End to end: `taskpgm run --test-mode` on a local Ray cluster, interrupted and resumed; the artefact cache;
-the run directory per CONTRACT.md; the W&B offline runs read back with wandb's own reader; Tune with two
-concurrent trials on two CPUs (the small-machine deadlock case)."""
+"""End to end: `taskpgm run --test-mode` as a user runs it (its console: short, each line once; the framework
+output in logs/); the artefact cache; a training stage interrupted and resumed; the run directory per CONTRACT.md;
+the W&B offline runs read back with wandb's own reader; Tune with two concurrent trials on two CPUs (the
+small-machine deadlock case)."""
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -17,39 +21,42 @@ from taskpgm_ray.pipeline import Pipeline
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
+MAX_CONSOLE_LINES = 40  # issue 13: what `taskpgm run --test-mode` may print on success
+
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, ray_cluster) -> Path:
-    """A test-mode run interrupted in its training stage, then resumed: the module's shared run directory."""
-    import yaml
-
-    from taskpgm_ray.config import TEST_CONFIG
-
-    data = yaml.safe_load(TEST_CONFIG.read_text())
+def run_dir(tmp_path_factory) -> Path:
+    """``taskpgm run --test-mode`` in a subprocess (its own local Ray, all of the machine's CPUs, 2 here): the
+    module's shared run directory; what it printed (stdout and stderr, in order) is ``console.txt`` beside it."""
     out = tmp_path_factory.mktemp("run") / "run"
-    data["output_dir"] = str(out)
-    cfg = config_from_dict(data, source=str(TEST_CONFIG))
-
-    class Interrupted(Exception):
-        pass
-
-    def interrupt():
-        raise Interrupted("simulated interruption in the training stage")
-
-    first = Pipeline(cfg)
-    first._run_train = interrupt  # the stage dies after the earlier stages finished
-    with pytest.raises(Interrupted):
-        first.run()
-    state = json.loads((out / "stages.json").read_text())
-    assert [state[s]["status"] for s in ("tasks", "probes", "estimate", "tune", "select", "train")] == \
-        ["done", "done", "done", "done", "done", "failed"]
-    assert (out / "likelihoods.npz").exists() and not (out / "train" / "summary.json").exists()
-
-    timings = Pipeline(cfg, resume=True).run()
-    assert {s: status for s, status, _ in timings} == {
-        "tasks": "cached", "probes": "cached", "estimate": "cached", "tune": "cached", "select": "cached",
-        "train": "done", "report": "done"}
+    p = subprocess.run([sys.executable, "-m", "taskpgm_ray.cli", "run", "--test-mode", "--output-dir", str(out),
+                        "--set", "tune.max_concurrent=2"],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    (out.parent / "console.txt").write_text(p.stdout)
+    assert p.returncode == 0, p.stdout
     return out
+
+
+def test_the_console_is_short_says_each_thing_once_and_the_logs_hold_the_framework_output(run_dir):
+    console = (run_dir.parent / "console.txt").read_text()
+    lines = console.splitlines()
+    assert len(lines) <= MAX_CONSOLE_LINES, console
+    repeated = [line for line, n in Counter(line for line in lines if line.strip()).items() if n > 1]
+    assert not repeated, console
+    assert not re.search(r"Warning|WARNING|Traceback|\(pid=|pid=\d+\)", console), console  # nothing from the frameworks
+    for stage in ("tasks", "probes", "estimate", "tune", "select", "train", "report"):
+        assert sum(line.startswith(f"{stage} ") for line in lines) == 1, (stage, console)
+    assert re.search(r"^train +step 120/120, loss [\d.]+, eval loss [\d.]+, [\d,]+ tokens/s$", console, re.M), console
+    assert re.search(r"^tune +5 trials; best .+, validation loss [\d.]+$", console, re.M), console
+    assert f"mixture  {run_dir / 'mixture.json'}" in lines and f"logs     {run_dir / 'logs'}" in lines
+
+    logs = {p.stem: p.read_text() for p in (run_dir / "logs").glob("*.log")}
+    assert {"probes", "estimate", "tune", "train"} <= set(logs), sorted(logs)
+    assert "(train_probe pid=" in logs["probes"] and "(EstimationActor pid=" in logs["estimate"]
+    assert "Setting accelerator to CPU" in logs["train"]  # DeepSpeed, on a Ray Train worker
+    assert "Trial status:" in logs["tune"]  # Tune's own tables
+    # Ray Train's print patch is off: rank 0's lines once each
+    assert len(re.findall(r"\) step 120: loss", logs["train"])) == 1, logs["train"]
 
 
 def test_run_directory_follows_the_contract(run_dir):
@@ -123,22 +130,58 @@ def test_wandb_offline_runs_hold_the_metrics_and_the_mixture(run_dir):
     assert train_runs, "no W&B run has eval_loss_mean history rows"
     mixture = json.loads((run_dir / "mixture.json").read_text())
     assert any(all(name in t for name in mixture["weights"]) and "mixture" in t for t in text.values())
+    # one group for the whole `taskpgm run`, Tune's trial runs (under tune/trials/) included, each trial
+    # named by and carrying its hyperparameters
+    everything = sorted(run_dir.rglob("offline-run-*"))
+    groups, trials = set(), []
+    for path in everything:
+        (record,) = [r["run"] for r in _wandb_records(path) if r["type"] == "run"]
+        groups.add(record["run_group"])
+        if "tune" in path.parts:
+            trials.append(record)
+    group = (run_dir / "wandb_group.txt").read_text().strip()
+    assert groups == {group} and len(trials) == 5
+    assert all(t["display_name"].startswith("trial-") and "trial" in t["config"]["update"] for t in trials)
 
 
-def test_rerun_is_cached_and_a_training_change_reruns_only_training(run_dir):
+def test_rerun_is_cached_an_interrupted_training_resumes_and_a_change_reruns_only_training(run_dir, ray_cluster,
+                                                                                            monkeypatch):
     import yaml
+    from rich.console import Console
 
+    import taskpgm_ray.train
     from taskpgm_ray.config import TEST_CONFIG
+    from taskpgm_ray.console import QUIET, RunConsole
 
     data = yaml.safe_load(TEST_CONFIG.read_text())
     data["output_dir"] = str(run_dir)
     cfg = config_from_dict(data, source=str(TEST_CONFIG))
-    assert {s for s, status, _ in Pipeline(cfg).run() if status != "cached"} == set()
+    quiet = io.StringIO()
+    assert {s for s, status, _ in Pipeline(cfg, ui=RunConsole(QUIET, console=Console(file=quiet))).run()
+            if status != "cached"} == set()
+    assert quiet.getvalue().splitlines()[0].strip() == f"taskpgm run: {run_dir}"  # -q: the final table only
+    assert "up to date" not in quiet.getvalue()
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(*args, **kwargs):
+        raise Interrupted("simulated interruption in the training stage")
 
     data["train"]["eval_every"] = 60  # a setting of the final fine-tune only
     cfg = config_from_dict(data, source=str(TEST_CONFIG))
-    rerun = {s for s, status, _ in Pipeline(cfg).run() if status != "cached"}
-    assert rerun == {"train", "report"}
+    monkeypatch.setattr(taskpgm_ray.train, "train_command", interrupt)  # dies after the stage cleared train/
+    with pytest.raises(Interrupted):
+        Pipeline(cfg).run()
+    monkeypatch.undo()
+    state = json.loads((run_dir / "stages.json").read_text())
+    assert [state[s]["status"] for s in ("tasks", "probes", "estimate", "tune", "select", "train")] == \
+        ["done", "done", "done", "done", "done", "failed"]
+    assert not (run_dir / "train" / "summary.json").exists()
+    timings = Pipeline(cfg, resume=True).run()
+    assert {s: status for s, status, _ in timings} == {
+        "tasks": "cached", "probes": "cached", "estimate": "cached", "tune": "cached", "select": "cached",
+        "train": "done", "report": "done"}
     assert [h["step"] for h in json.loads((run_dir / "train" / "summary.json").read_text())["history"]] == [60, 120]
 
     data["tune"]["enabled"] = False  # the energy's mixture now: select, train and report run again, nothing else
@@ -149,7 +192,7 @@ def test_rerun_is_cached_and_a_training_change_reruns_only_training(run_dir):
         json.loads((run_dir / "estimate" / "mixture.json").read_text())
 
 
-def test_compare_scores_every_method_on_the_test_split_with_the_same_budget(run_dir):
+def test_compare_scores_every_method_on_the_test_split_with_the_same_budget(run_dir, ray_cluster):
     import yaml
 
     from taskpgm_ray.compare import compare_command
