@@ -106,15 +106,17 @@ class TinyModelConfig:
 
 @dataclass
 class ModelConfig:
-    """The base model: proxies are LoRA adapters on it, and the target fine-tune starts from it."""
+    """A causal LM and its tokenizer: the target that is fine-tuned (`model`), or the proxies' base (`proxy_model`)."""
 
     name: str = doc("'synthetic-base' (the small pretrained base shipped for the synthetic world), 'tiny' "
                     "(random init from `tiny`), or a hub id / local path for AutoModelForCausalLM", "tiny")
     tokenizer: str = doc("'byte' (offline byte-level tokenizer) or a hub id / local path", "byte")
     max_length: int = doc("truncate prompt+response to this many tokens", 128)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc(
-        "auto: bf16 on GPU, fp32 on CPU", "auto"
+        "auto: bf16 on a GPU that supports it (Ampere or later), else fp32; float16 trains with loss scaling", "auto"
     )
+    chat_template: bool = doc("format (prompt, response) with the tokenizer's chat template (a user turn, then the "
+                              "assistant's); the loss still covers the assistant's turn only", False)
     tiny: TinyModelConfig = doc("tiny model shape (used when name is 'tiny')", factory=TinyModelConfig)
 
 
@@ -127,9 +129,10 @@ class ProbeConfig:
     lr: float = doc("learning rate", 3e-3)
     lora_rank: int = doc("LoRA rank r", 8)
     lora_alpha: float = doc("LoRA alpha", 16.0)
-    target_modules: list[str] = doc(
-        "module names LoRA adapts", factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
-    )
+    target_modules: list[str] | None = doc(
+        "module names LoRA adapts (suffixes, as peft matches them); null: detected from the architecture (the "
+        "attention projections of known families, else every linear layer but the output); ['all-linear']: every "
+        "linear layer but the output", None)
     full_finetune: bool = doc("train all weights instead of LoRA (tiny models only)", False)
     seed: int = doc("proxy training seed", 0)
     num_gpus: float = doc("GPUs per probe task (a fraction packs several per GPU)", 0.0)
@@ -217,6 +220,10 @@ class TrainConfig:
     lr: float = doc("peak learning rate", 3e-3)
     warmup_steps: int = doc("linear warm-up steps, then cosine decay to 10%", 10)
     weight_decay: float = doc("AdamW weight decay", 0.0)
+    gradient_checkpointing: bool = doc("recompute each layer's activations in the backward pass: activation memory "
+                                       "of one layer instead of all, for about a third more compute", False)
+    group_by_length: bool = doc("sort each optimizer step's draws by length before cutting them into micro-batches "
+                                "and ranks: less padding, the same examples per step", False)
     weight_unit: Literal["examples", "tokens"] = doc(
         "what the mixture weights count: a share of examples drawn, or of tokens trained on", "examples"
     )
@@ -274,7 +281,10 @@ class Config:
     tasks: list[TaskConfig] = doc("tasks from files or the hub", factory=list)
     synthetic: SyntheticConfig | None = doc("add the synthetic suite's tasks (generated offline)", None)
     splits: SplitConfig = doc("train / probe / eval split", factory=SplitConfig)
-    model: ModelConfig = doc("base model and tokenizer", factory=ModelConfig)
+    model: ModelConfig = doc("the target model (fine-tuned in stage 6) and its tokenizer", factory=ModelConfig)
+    proxy_model: ModelConfig | None = doc(
+        "the model whose LoRA proxies score the tasks (stages 2-3), with its own tokenizer; same fields as `model`, "
+        "and a field left out takes model's value; null: the target model itself", None)
     probes: ProbeConfig = doc("stage 2", factory=ProbeConfig)
     estimation: EstimationConfig = doc("stages 3-4", factory=EstimationConfig)
     energy: EnergyConfig = doc("stage 5", factory=EnergyConfig)
@@ -287,6 +297,11 @@ class Config:
     @property
     def is_offline(self) -> bool:
         return self.offline or os.environ.get("HF_HUB_OFFLINE") == "1"
+
+    @property
+    def proxy(self) -> ModelConfig:
+        """The model the proxies are LoRA adapters on: ``proxy_model``, or ``model`` when it is not set."""
+        return self.proxy_model if self.proxy_model is not None else self.model
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (YAML-ready); the loader's internal fields are left out."""
@@ -440,17 +455,18 @@ def _check(cfg: Config, problems: list[str]) -> None:
             problems.append(f"splits.{name}: must be in (0, 1), got {v}")
     if isinstance(s.min_probe, int) and isinstance(s.max_probe, int) and s.min_probe > s.max_probe:
         problems.append(f"splits.min_probe: {s.min_probe} exceeds splits.max_probe {s.max_probe}")
-    m = cfg.model
-    if m.name == "tiny" and isinstance(m.tiny.hidden_size, int) and isinstance(m.tiny.num_heads, int):
-        if m.tiny.num_heads < 1 or m.tiny.hidden_size % m.tiny.num_heads:
-            problems.append(
-                f"model.tiny.num_heads: hidden_size {m.tiny.hidden_size} is not divisible by {m.tiny.num_heads}"
-            )
-    if m.name not in ("tiny", *BUILTIN_MODEL_NAMES) and cfg.is_offline and not Path(m.name).exists():
-        problems.append(f"model.name: {m.name!r} is neither 'tiny', a builtin model "
-                        f"({', '.join(BUILTIN_MODEL_NAMES)}) nor a local path, and we are offline")
-    if isinstance(m.max_length, int) and m.max_length < 8:
-        problems.append(f"model.max_length: must be >= 8, got {m.max_length}")
+    for section, m in (("model", cfg.model), ("proxy_model", cfg.proxy_model)):
+        if m is None:
+            continue
+        if m.name == "tiny" and isinstance(m.tiny.hidden_size, int) and isinstance(m.tiny.num_heads, int):
+            if m.tiny.num_heads < 1 or m.tiny.hidden_size % m.tiny.num_heads:
+                problems.append(f"{section}.tiny.num_heads: hidden_size {m.tiny.hidden_size} is not divisible by "
+                                f"{m.tiny.num_heads}")
+        if m.name not in ("tiny", *BUILTIN_MODEL_NAMES) and cfg.is_offline and not Path(m.name).exists():
+            problems.append(f"{section}.name: {m.name!r} is neither 'tiny', a builtin model "
+                            f"({', '.join(BUILTIN_MODEL_NAMES)}) nor a local path, and we are offline")
+        if isinstance(m.max_length, int) and m.max_length < 8:
+            problems.append(f"{section}.max_length: must be >= 8, got {m.max_length}")
     e = cfg.energy
     if e.unary == "utility":
         missing = [t.name for t in cfg.tasks if t is not None and t.utility is None]
@@ -577,6 +593,11 @@ def config_from_dict(data: dict[str, Any], *, source: str | None = None,
     if problems:
         raise ConfigError(problems, source)
     cfg = _build(Config, data, "", problems)
+    if cfg is not None and cfg.proxy_model is not None and cfg.model is not None \
+            and isinstance(data.get("proxy_model"), dict):
+        # A field the proxy_model section leaves out is the target model's (one level: a given `tiny` is whole).
+        given = {k: getattr(cfg.proxy_model, k) for k in data["proxy_model"] if hasattr(cfg.proxy_model, k)}
+        cfg.proxy_model = dataclasses.replace(cfg.model, **given)
     if cfg is not None:
         cfg.config_path = str(Path(source).resolve()) if source else None
         if not problems:
@@ -597,6 +618,7 @@ def resolve_path(cfg: Config, p: str) -> Path:
 def reference_markdown() -> str:
     """The configuration reference (every section and field with its default and doc) as markdown."""
     lines: list[str] = []
+    documented: dict[type, str] = {}  # section class -> where its table is (proxy_model points to model's)
 
     def walk(cls: type, prefix: str) -> None:
         hints = typing.get_type_hints(cls)
@@ -607,7 +629,12 @@ def reference_markdown() -> str:
             tp = hints[f.name]
             inner = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
             if _is_dataclass_type(inner[0]) and typing.get_origin(tp) is not list:
-                nested.append((f, inner[0]))
+                if inner[0] not in documented:  # a section of its own
+                    documented[inner[0]] = f"{prefix}{f.name}"
+                    nested.append((f, inner[0]))
+                else:  # the same fields as a section above: one row that points there
+                    rows.append(f"| `{prefix}{f.name}` | the fields of `{documented[inner[0]]}` \\| null | "
+                                f"`{f.default!r}` | {f.metadata.get('doc', '')} |")
                 continue
             default = f.default if f.default is not dataclasses.MISSING else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")

@@ -1,16 +1,18 @@
 """Model and tokenizer factory, and the one place where (prompt, response) becomes token ids.
 
 Production configs name a hub id or local path; test mode builds a tiny Llama-style model from a config
-and a byte-level tokenizer, both without any download. Every stage uses the tokenizer saved in the run.
+and a byte-level tokenizer, both without any download. Every stage uses a tokenizer saved in the run: the
+target model's under ``<output_dir>/tokenizer``, and the proxy model's under ``<output_dir>/proxy_tokenizer``
+when it has a different one.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from taskpgm_ray.config import ModelConfig
+from taskpgm_ray.config import Config, ModelConfig
 
 if TYPE_CHECKING:
     import torch
@@ -78,11 +80,11 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def ensure_run_tokenizer(cfg: ModelConfig, output_dir: str | os.PathLike) -> Path:
-    """Save the configured tokenizer under ``output_dir/tokenizer`` once, so every stage shares it."""
-    path = Path(output_dir) / "tokenizer"
+def ensure_run_tokenizer(cfg: ModelConfig, output_dir: str | os.PathLike, name: str = "tokenizer") -> Path:
+    """Save the configured tokenizer under ``output_dir/name`` once, so every stage shares it."""
+    path = Path(output_dir) / name
     if not (path / "tokenizer_config.json").exists():
-        tmp = path.with_name(f"tokenizer.tmp{os.getpid()}")
+        tmp = path.with_name(f"{name}.tmp{os.getpid()}")
         build_tokenizer(cfg).save_pretrained(str(tmp))
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -94,25 +96,29 @@ def ensure_run_tokenizer(cfg: ModelConfig, output_dir: str | os.PathLike) -> Pat
     return path
 
 
+def ensure_proxy_tokenizer(cfg: Config, output_dir: str | os.PathLike) -> Path:
+    """The proxy model's saved tokenizer: the run's ``tokenizer`` when proxy and target share one, else
+    ``output_dir/proxy_tokenizer``."""
+    name = "tokenizer" if cfg.proxy.tokenizer == cfg.model.tokenizer else "proxy_tokenizer"
+    return ensure_run_tokenizer(cfg.proxy, output_dir, name=name)
+
+
 def _dtype(cfg: ModelConfig, on_gpu: bool) -> torch.dtype:
     import torch
 
     if cfg.dtype == "auto":
-        return torch.bfloat16 if on_gpu else torch.float32
+        # bf16 where the GPU computes in it natively (Ampere and later; emulation is slower than fp32).
+        bf16 = on_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if bf16 else torch.float32
     return getattr(torch, cfg.dtype)
 
 
-def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, on_gpu: bool = False) -> PreTrainedModel:
-    """The base causal LM: a tiny Llama built from ``cfg.tiny`` (seeded, offline), or ``from_pretrained`` of a
-    builtin model (``BUILTIN_MODELS``), a local path or a hub id."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+def _tiny_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Any:
+    """The LlamaConfig of ``cfg.tiny``, sized to the tokenizer."""
+    from transformers import LlamaConfig
 
-    dtype = _dtype(cfg, on_gpu)
-    if cfg.name != "tiny":
-        return AutoModelForCausalLM.from_pretrained(resolve_model_name(cfg.name), dtype=dtype)
     t = cfg.tiny
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=t.hidden_size,
         intermediate_size=t.intermediate_size,
@@ -125,27 +131,96 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, on_gpu:
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
+
+
+def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, on_gpu: bool = False) -> PreTrainedModel:
+    """The base causal LM: a tiny Llama built from ``cfg.tiny`` (seeded, offline), or ``from_pretrained`` of a
+    builtin model (``BUILTIN_MODELS``), a local path or a hub id."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    dtype = _dtype(cfg, on_gpu)
+    if cfg.name != "tiny":
+        return AutoModelForCausalLM.from_pretrained(resolve_model_name(cfg.name), dtype=dtype)
+    config = _tiny_config(cfg, tokenizer)
     # Seed a private generator so building the model never disturbs the caller's RNG stream.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(t.seed)
+        torch.manual_seed(cfg.tiny.seed)
         model = LlamaForCausalLM(config)
     return model.to(dtype)
 
 
-def encode_example(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str,
-                   max_length: int) -> tuple[list[int], list[int]]:
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Keep each layer's input only and recompute the rest in backward (non-reentrant: works under ZeRO-3)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def model_skeleton(cfg: ModelConfig) -> PreTrainedModel:
+    """The model's module tree on the meta device (its config only: no weights, no memory), for checks on the
+    driver such as the LoRA targets."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if cfg.name == "tiny":
+        config = _tiny_config(cfg, build_tokenizer(cfg))
+    else:
+        config = AutoConfig.from_pretrained(resolve_model_name(cfg.name))
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def encode_example(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, max_length: int, *,
+                   chat_template: bool = False) -> tuple[list[int], list[int]]:
     """Token ids of ``<bos> prompt response <eos>`` and labels that score the response tokens only.
 
+    With ``chat_template``, the ids are the tokenizer's chat template around a user turn (the prompt) and the
+    assistant's turn (the response); the labels score the assistant's turn only (see :func:`chat_parts`).
     Truncation keeps the response: the prompt is cut from the left when the pair is too long.
     """
-    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    if chat_template:
+        p, r = chat_parts(tokenizer, prompt, response)
+        bos: list[int] = []  # the template writes its own
+    else:
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     r = r[: max_length - len(bos) - 1]
     p = p[max(0, len(p) - (max_length - len(bos) - len(r))):]
     ids = bos + p + r
     labels = [IGNORE_INDEX] * (len(bos) + len(p)) + r
     return ids, labels
+
+
+def chat_parts(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    """Token ids of the chat-formatted prompt (through the assistant's header) and of the assistant's turn.
+
+    The two parts are the template's text for [user] + generation prompt, and the rest of its text for
+    [user, assistant], tokenized apart: the prompt ids are exactly what generation starts from. The assistant's
+    turn ends with EOS (appended when the template does not write it), so generation learns to stop.
+
+    Raises:
+        ValueError: the tokenizer has no chat template, or its template does not render the conversation as
+            the prompt followed by the answer.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"model.chat_template: true but the tokenizer {tokenizer.name_or_path or ''!r} has no chat "
+                         f"template; set model.chat_template: false or use a tokenizer that has one")
+    user = [{"role": "user", "content": prompt}]
+    head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
+    if not full.startswith(head):
+        raise ValueError("model.chat_template: the tokenizer's chat template does not write the conversation as its "
+                         "prompt (with the generation prompt) followed by the answer, so the answer's tokens cannot "
+                         "be told apart; set model.chat_template: false")
+    p = tokenizer(head, add_special_tokens=False)["input_ids"]
+    r = tokenizer(full[len(head):], add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in r:
+        r.append(tokenizer.eos_token_id)
+    return p, r
 
 
 def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -82,7 +82,12 @@ class Pipeline:
         return digest([(t.name, t.hash) for t in self.tasks], dataclasses.asdict(self.cfg.splits))
 
     def probes_key(self) -> str:
-        return digest(self.tasks_key(), dataclasses.asdict(self.cfg.model), settings(self.cfg, "probes"))
+        from taskpgm_ray.models import model_fingerprint
+
+        # The proxies' base model (proxy_model, or the target when unset) and its weights, not the target's.
+        proxy = self.cfg.proxy
+        return digest(self.tasks_key(), dataclasses.asdict(proxy), model_fingerprint(proxy),
+                      settings(self.cfg, "probes"))
 
     def caps_key(self) -> list[float] | None:
         """The repetition caps every mixture is solved under (they depend on the final fine-tune's budget)."""
@@ -137,11 +142,12 @@ class Pipeline:
         return stages
 
     def _run_tasks(self) -> None:
-        from taskpgm_ray.models import ensure_run_tokenizer
+        from taskpgm_ray.models import ensure_proxy_tokenizer, ensure_run_tokenizer
         from taskpgm_ray.tasks import write_manifest
 
         write_manifest(self.tasks, self.out)
         ensure_run_tokenizer(self.cfg.model, self.out)
+        ensure_proxy_tokenizer(self.cfg, self.out)
 
     def _run_probes(self) -> None:
         from taskpgm_ray.distributed.probes import probe_command

@@ -1,10 +1,11 @@
 """Stages 3-4: every proxy scores every task's probe set, on Ray actors, into the likelihood matrix.
 
 The probe examples of all tasks are cut into shards (a contiguous block of one task's probe examples,
-in a fixed order). ``EstimationActor``s hold the base model and every adapter once, switch adapters
-with ``set_adapter``, and score a shard for any subset of proxies: per example, the summed response
-log-likelihood, and per response token the top-k next-token log-probabilities (for the JSD). A shard
-is scored in fixed batches of consecutive examples, so its numbers do not depend on which actor ran it.
+in a fixed order). ``EstimationActor``s hold the base model (the proxy model ``cfg.proxy``, with its own
+tokenizer) and every adapter once, switch adapters with ``set_adapter``, and score a shard for any subset
+of proxies: per example, the summed response log-likelihood, and per response token the top-k
+next-token log-probabilities (for the JSD). A shard is scored in fixed batches of consecutive examples,
+so its numbers do not depend on which actor ran it.
 
 Cache: ``<output_dir>/estimate/shards/<key>.npz``, key = hash of the shard's examples and the scoring
 settings. A file holds one row per proxy, keyed by the proxy's adapter hash, so a re-run scores only
@@ -77,11 +78,11 @@ class Shard:
 
 
 def scoring_settings(cfg: Config) -> dict:
-    """Everything that changes a shard's numbers (and so its cache key)."""
+    """Everything that changes a shard's numbers (and so its cache key): the proxy model and its weights among them."""
     from taskpgm_ray.models import model_fingerprint
 
     e = cfg.estimation
-    return {"model": asdict(cfg.model), "weights": model_fingerprint(cfg.model), "batch_size": e.batch_size,
+    return {"model": asdict(cfg.proxy), "weights": model_fingerprint(cfg.proxy), "batch_size": e.batch_size,
             "jsd_top_k": e.jsd_top_k if e.jsd else 0, "version": SCORING_VERSION}
 
 
@@ -115,8 +116,8 @@ class EstimationActor:
     """Holds the base model and every proxy once; scores a shard for any subset of the proxies.
 
     Args:
-        model: ``asdict(ModelConfig)``.
-        tokenizer_path: the run's saved tokenizer.
+        model: ``asdict(ModelConfig)`` of the proxy model (``cfg.proxy``).
+        tokenizer_path: the proxy model's tokenizer as saved in the run.
         proxies: every proxy the actor may be asked to score with.
         batch_size: examples per forward pass.
         top_k: top-k log-probabilities kept per response token for the JSD (0: no JSD).
@@ -190,10 +191,10 @@ class EstimationActor:
         from taskpgm_ray.models import collate, encode_example
 
         self.load()
-        max_length = self._model_cfg["max_length"]
+        max_length, chat = self._model_cfg["max_length"], self._model_cfg.get("chat_template", False)
 
         def batches(pairs):
-            encoded = [encode_example(self._tok, p, r, max_length) for p, r in pairs]
+            encoded = [encode_example(self._tok, p, r, max_length, chat_template=chat) for p, r in pairs]
             return [collate(encoded[s : s + self._batch_size], self._tok.pad_token_id)
                     for s in range(0, len(encoded), self._batch_size)]
 
@@ -386,7 +387,7 @@ def estimate_command(cfg: Config, *, tasks: list[TaskData] | None = None,
     """Score every proxy on every probe set and write the likelihood matrix, affinities and mixture.
 
     Args:
-        cfg: the run config (``estimation``, ``energy``, ``model``, ``tracking``, ``output_dir``).
+        cfg: the run config (``estimation``, ``energy``, the proxy model, ``tracking``, ``output_dir``).
         tasks: already loaded tasks (default: ``load_tasks(cfg)``).
         on_result: test hook, called as ``on_result(results_so_far, actor_handles)`` after each newly
             scored shard (e.g. to kill an actor mid-run).
@@ -407,7 +408,7 @@ def estimate_command(cfg: Config, *, tasks: list[TaskData] | None = None,
     import ray
 
     from taskpgm_ray.distributed.cluster import init_ray, require_resources
-    from taskpgm_ray.models import ensure_run_tokenizer
+    from taskpgm_ray.models import ensure_proxy_tokenizer
     from taskpgm_ray.tasks import load_tasks
 
     t0 = time.perf_counter()
@@ -453,7 +454,7 @@ def estimate_command(cfg: Config, *, tasks: list[TaskData] | None = None,
 
         # 3. the actors score what is missing, until done or the mixture is stable
         if todo and not status["stable"]:
-            tok_path = str(ensure_run_tokenizer(cfg.model, out_dir).resolve())
+            tok_path = str(ensure_proxy_tokenizer(cfg, out_dir).resolve())
             _run_actors(cfg, proxies, todo, records, sums, optimizer, status, stats, tok_path=tok_path,
                         on_result=on_result)
         trajectory = ray.get(optimizer.trajectory.remote())
@@ -607,7 +608,7 @@ def _run_actors(cfg, proxies, todo, records, sums, optimizer, status, stats, *, 
         num_cpus=e.num_cpus_per_actor, num_gpus=e.num_gpus_per_actor,
         max_restarts=e.max_actor_restarts, max_task_retries=0)
     # Never start more actors than there are shards to score.
-    actors = [remote.remote(asdict(cfg.model), tok_path, proxies, e.batch_size,
+    actors = [remote.remote(asdict(cfg.proxy), tok_path, proxies, e.batch_size,
                             e.jsd_top_k if e.jsd else 0, max(1, int(e.num_cpus_per_actor)),
                             e.num_gpus_per_actor > 0) for _ in range(min(e.num_actors, len(todo)))]
     deaths = dict.fromkeys(range(len(actors)), 0)  # actor slot -> times it died

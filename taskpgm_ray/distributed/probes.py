@@ -1,9 +1,12 @@
-"""Stage 2: one small proxy per task, a LoRA adapter (peft) on the shared base model, as Ray tasks.
+"""Stage 2: one small proxy per task, a LoRA adapter (peft) on the proxy model (``cfg.proxy``), as Ray tasks.
 
 Each adapter is cached under ``<output_dir>/probes/<task>-<hash>/`` where the hash covers the task's data,
-the proxy settings and the base model, and is written whole or not at all (temp dir, then rename). A re-run
-trains only what is missing; a failed probe is retried by Ray (``max_retries``) and then reported by name,
-after the adapters that did finish are on disk.
+the proxy settings and the proxy model (and its weights), and is written whole or not at all (temp dir, then
+rename). A re-run trains only what is missing; a failed probe is retried by Ray (``max_retries``) and then
+reported by name, after the adapters that did finish are on disk.
+
+LoRA adapts ``probes.target_modules``, or when that is null the attention projections of the model's family
+(``LORA_TARGETS``), or for a family not listed every linear layer but the output layer.
 """
 
 from __future__ import annotations
@@ -17,15 +20,35 @@ import time
 import uuid
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from taskpgm_ray.config import Config, ModelConfig, ProbeConfig
 from taskpgm_ray.tasks import TaskData
+
+if TYPE_CHECKING:
+    import torch
 
 # Settings that change what a probe learns; resources and retries do not, so they stay out of the hash.
 _NOT_HASHED = ("num_gpus", "num_cpus", "max_retries")
 # Test hook: comma-separated task names whose probe raises (on every attempt) before training.
 FAIL_ENV = "TASKPGM_TEST_FAIL_PROBES"
+# The attention projections LoRA adapts in each family we know (key: the model config's model_type). Names are
+# suffixes of module paths, as peft matches them ("attn.c_proj": GPT-2's attention output, not its MLP's c_proj).
+_QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
+LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
+                     "gemma3_text", "olmo", "olmo2", "stablelm", "starcoder2", "granite"), _QKVO),
+    "phi": ("q_proj", "k_proj", "v_proj", "self_attn.dense"),
+    "phi3": ("qkv_proj", "o_proj"),
+    "gpt2": ("c_attn", "attn.c_proj"),
+    "gpt_bigcode": ("c_attn", "attn.c_proj"),
+    "gpt_neox": ("query_key_value", "attention.dense"),
+    "falcon": ("query_key_value", "self_attention.dense"),
+    "bloom": ("query_key_value", "self_attention.dense"),
+    "opt": ("q_proj", "k_proj", "v_proj", "out_proj"),
+    "gptj": ("q_proj", "k_proj", "v_proj", "out_proj"),
+}
+ALL_LINEAR = "all-linear"  # peft's shorthand: every linear layer but the output layer
 
 
 class ProbeError(RuntimeError):
@@ -51,7 +74,71 @@ def probe_hash(task: TaskData, probes: ProbeConfig, model: ModelConfig) -> str:
 
 def probe_dir(cfg: Config, task: TaskData) -> Path:
     """Where the adapter of ``task`` lives: ``<output_dir>/probes/<task>-<hash>``."""
-    return Path(cfg.output_dir) / "probes" / f"{task.name}-{probe_hash(task, cfg.probes, cfg.model)}"
+    return Path(cfg.output_dir) / "probes" / f"{task.name}-{probe_hash(task, cfg.probes, cfg.proxy)}"
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA targets
+
+
+def _matches(name: str, target: str) -> bool:
+    """peft's rule for a list of targets: the module path equals the target or ends with ``.target``."""
+    return name == target or name.endswith("." + target)
+
+
+def _linear_layers(model: torch.nn.Module) -> list[str]:
+    """Paths of the linear layers (``nn.Linear``, GPT-2's ``Conv1D``) LoRA can adapt: all but the output layer."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    get_out = getattr(model, "get_output_embeddings", None)
+    output = get_out() if callable(get_out) else None
+    return [n for n, m in model.named_modules()
+            if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not output and n.rsplit(".", 1)[-1] != "lm_head"]
+
+
+def _summary(model: torch.nn.Module, names: list[str] | None = None, limit: int = 16) -> str:
+    """Module paths with layer numbers folded (``h.*.attn.c_attn (Conv1D)``), for one-line errors."""
+    import re
+
+    mods = dict(model.named_modules())
+    leaves = names if names is not None else [n for n, m in mods.items() if n and not list(m.children())]
+    layer = re.compile(r"\.\d+(?=\.|$)")
+    folded = list(dict.fromkeys(f"{layer.sub('.*', n)} ({type(mods[n]).__name__})" for n in leaves))
+    if not folded:
+        return "none"
+    more = f", ... ({len(folded) - limit} more)" if len(folded) > limit else ""
+    return ", ".join(folded[:limit]) + more
+
+
+def lora_targets(model: torch.nn.Module, requested: list[str] | None) -> list[str] | str:
+    """The modules LoRA adapts in ``model``: ``requested`` (checked against the model), else its family's
+    attention projections (``LORA_TARGETS``), else every linear layer but the output layer.
+
+    Raises:
+        ValueError: one line naming the modules found, when a requested name matches no module, or when the
+            architecture has no linear layer to adapt.
+    """
+    linear = _linear_layers(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    arch = f"{type(model).__name__} (model_type {model_type!r})"
+    if requested:
+        if list(requested) == [ALL_LINEAR] and linear:
+            return ALL_LINEAR
+        names = [n for n, _ in model.named_modules()]
+        missing = [t for t in requested if not any(_matches(n, t) for n in names)]
+        if missing:
+            raise ValueError(f"probes.target_modules: no module of {arch} matches {', '.join(map(repr, missing))}; "
+                             f"its linear layers: {_summary(model, linear)}")
+        return list(requested)
+    family = LORA_TARGETS.get(model_type or "")
+    if family and all(any(_matches(n, t) for n in linear) for t in family):
+        return list(family)
+    if not linear:
+        raise ValueError(f"probes.target_modules: cannot detect LoRA targets for {arch}: no linear layer besides the "
+                         f"output layer; modules found: {_summary(model)}; name the modules to adapt in "
+                         f"probes.target_modules (or set probes.full_finetune: true)")
+    return sorted({n.rsplit(".", 1)[-1] for n in linear})
 
 
 def is_complete(path: Path) -> bool:
@@ -79,6 +166,7 @@ def train_probe(task_name: str, pairs: list[tuple[str, str]], probes: dict, mode
         raise RuntimeError(f"injected failure for task {task_name!r} ({FAIL_ENV})")
     pc = ProbeConfig(**probes)
     mc = ModelConfig(**{**model, "tiny": TinyModelConfig(**model["tiny"])})
+    targets = None
     torch.set_num_threads(max(1, int(pc.num_cpus)))  # as many threads as CPUs Ray gave us: more oversubscribes
     on_gpu = pc.num_gpus > 0 and torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"
@@ -90,13 +178,14 @@ def train_probe(task_name: str, pairs: list[tuple[str, str]], probes: dict, mode
         if not pc.full_finetune:
             from peft import LoraConfig, get_peft_model
 
-            lora = LoraConfig(r=pc.lora_rank, lora_alpha=pc.lora_alpha, target_modules=list(pc.target_modules),
+            targets = lora_targets(net, pc.target_modules)
+            lora = LoraConfig(r=pc.lora_rank, lora_alpha=pc.lora_alpha, target_modules=targets,
                               lora_dropout=0.0, task_type="CAUSAL_LM")
             net = get_peft_model(net, lora)
         net.to(device).train()
         opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=pc.lr)
         rng = random.Random(f"{pc.seed}/{task_name}")
-        encoded = [encode_example(tok, p, r, mc.max_length) for p, r in pairs]
+        encoded = [encode_example(tok, p, r, mc.max_length, chat_template=mc.chat_template) for p, r in pairs]
         losses = []
         for _ in range(pc.steps):
             batch = collate([encoded[rng.randrange(len(encoded))] for _ in range(pc.batch_size)], tok.pad_token_id)
@@ -107,7 +196,7 @@ def train_probe(task_name: str, pairs: list[tuple[str, str]], probes: dict, mode
             losses.append(loss.item())
     meta = {"task": task_name, "steps": pc.steps, "final_loss": losses[-1] if losses else None,
             "first_loss": losses[0] if losses else None, "seconds": time.perf_counter() - t0,
-            "kind": "full" if pc.full_finetune else "lora"}
+            "kind": "full" if pc.full_finetune else "lora", "target_modules": targets}
     # Write aside, then rename: a reader sees the whole adapter or nothing.
     out = Path(out_dir)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -144,7 +233,7 @@ def probe_command(cfg: Config, *, tasks: list[TaskData] | None = None) -> dict:
     """Train (or reuse) one proxy adapter per task; the ``taskpgm probe CONFIG`` stage.
 
     Args:
-        cfg: the run config (``probes``, ``model``, ``output_dir``).
+        cfg: the run config (``probes``, ``proxy_model`` or else ``model``, ``output_dir``).
         tasks: already loaded tasks (default: ``load_tasks(cfg)``).
 
     Returns:
@@ -154,22 +243,25 @@ def probe_command(cfg: Config, *, tasks: list[TaskData] | None = None) -> dict:
     Raises:
         ProbeError: naming every task whose probe still failed after ``probes.max_retries`` retries
             (the finished adapters are kept).
-        ValueError: the probes ask for more CPUs/GPUs than the cluster has.
+        ValueError: the probes ask for more CPUs/GPUs than the cluster has, or LoRA has no target in the proxy
+            model (checked on the driver before any probe starts).
     """
     import ray
     from rich.console import Console
     from rich.live import Live
 
     from taskpgm_ray.distributed.cluster import init_ray, require_resources
-    from taskpgm_ray.models import ensure_run_tokenizer
+    from taskpgm_ray.models import ensure_proxy_tokenizer, model_skeleton
     from taskpgm_ray.tasks import load_tasks
 
     t0 = time.perf_counter()
     tasks = load_tasks(cfg) if tasks is None else tasks
     pc = cfg.probes
+    if not pc.full_finetune:  # a bad target list is one clear error here, not n failing Ray tasks
+        lora_targets(model_skeleton(cfg.proxy), pc.target_modules)
     init_ray()
     require_resources("a probe fine-tune (probes.num_cpus / probes.num_gpus)", cpus=pc.num_cpus, gpus=pc.num_gpus)
-    tok_path = str(ensure_run_tokenizer(cfg.model, cfg.output_dir).resolve())
+    tok_path = str(ensure_proxy_tokenizer(cfg, cfg.output_dir).resolve())
     (Path(cfg.output_dir) / "probes").mkdir(parents=True, exist_ok=True)
     fail = set(filter(None, os.environ.get(FAIL_ENV, "").split(",")))
     remote = ray.remote(train_probe).options(num_gpus=pc.num_gpus, num_cpus=pc.num_cpus,
@@ -185,7 +277,7 @@ def probe_command(cfg: Config, *, tasks: list[TaskData] | None = None) -> dict:
             out[t.name].update(json.loads((path / "probe.json").read_text()), status="cached")
             continue
         pairs = [(ex.prompt, ex.response) for ex in t.train]
-        ref = remote.remote(t.name, pairs, asdict(pc), asdict(cfg.model), tok_path, str(path), t.name in fail)
+        ref = remote.remote(t.name, pairs, asdict(pc), asdict(cfg.proxy), tok_path, str(path), t.name in fail)
         pending[ref] = t
         status[t.name] = "running"
     failed: dict[str, str] = {}

@@ -14,6 +14,7 @@ from taskpgm_ray.config import TrainConfig
 def deepspeed_config(tc: TrainConfig, *, world_size: int, on_gpu: bool) -> dict[str, Any]:
     """ZeRO stage and offload from the config; bf16 on GPU, fp32 on CPU; gradient accumulation.
 
+    The precision is a default: each worker sets it from the dtype its model was built in (:func:`with_precision`).
     Batch arithmetic: ``train_batch_size = micro_batch_size * grad_accum * world_size`` examples per step.
     """
     zero: dict[str, Any] = {"stage": tc.zero_stage}
@@ -40,6 +41,16 @@ def deepspeed_config(tc: TrainConfig, *, world_size: int, on_gpu: bool) -> dict[
         ds["optimizer"] = {"type": "AdamW", "params": {"lr": tc.lr, "weight_decay": tc.weight_decay,
                                                       "torch_adam": tc.offload != "cpu"}}
     return ds
+
+
+def with_precision(ds: dict[str, Any], dtype: Any) -> dict[str, Any]:
+    """``ds`` with the mixed precision of a model built in ``dtype``: bf16, fp16 (dynamic loss scaling) or neither."""
+    name = str(dtype).removeprefix("torch.")
+    out = {k: v for k, v in ds.items() if k != "fp16"}
+    out["bf16"] = {"enabled": name == "bfloat16"}
+    if name == "float16":
+        out["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}  # loss_scale 0: dynamic
+    return out
 
 
 def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, floor: float = 0.1) -> float:

@@ -26,8 +26,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from taskpgm_ray.models import IGNORE_INDEX, build_model, collate, encode_example, load_tokenizer
-from taskpgm_ray.train.deepspeed_config import lr_multiplier
+from taskpgm_ray.models import (
+    IGNORE_INDEX,
+    build_model,
+    collate,
+    enable_activation_checkpointing,
+    encode_example,
+    load_tokenizer,
+)
+from taskpgm_ray.train.deepspeed_config import lr_multiplier, with_precision
 from taskpgm_ray.train.sampler import MixtureSampler, UniformSampler
 
 DS_TAG = "deepspeed"          # DeepSpeed's checkpoint tag inside a Ray checkpoint directory
@@ -90,18 +97,18 @@ class MixtureFinetune:
     def _setup_data(self) -> None:
         """Tokenize every training and eval example once (the same on every rank: tokenizing is deterministic)."""
         self.tokenizer = load_tokenizer(self.config["tokenizer_path"])
-        max_length = self.config["model"].max_length
+        max_length, chat = self.config["model"].max_length, self.config["model"].chat_template
+        encode = functools.partial(encode_example, self.tokenizer, max_length=max_length, chat_template=chat)
         self.train_ids: list[list[str]] = []
         self.train_encoded: list[list[tuple[list[int], list[int]]]] = []
         for task in self.config["tasks"]:
             self.train_ids.append([ex_id for ex_id, _, _ in task["train"]])
-            self.train_encoded.append([encode_example(self.tokenizer, p, r, max_length) for _, p, r in task["train"]])
+            self.train_encoded.append([encode(p, r) for _, p, r in task["train"]])
         lengths = [np.array([len(ids) for ids, _ in enc], dtype=np.int64) for enc in self.train_encoded]
         self.mean_tokens = np.array([x.mean() if len(x) else 0.0 for x in lengths])
         self.task_offsets = np.concatenate([[0], np.cumsum([len(x) for x in lengths])]).astype(np.int64)
         self.flat_lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
-        self.eval_sets = [[(encode_example(self.tokenizer, p, r, max_length), r) for _, p, r in task["eval"]]
-                          for task in self.config["tasks"]]
+        self.eval_sets = [[(encode(p, r), r) for _, p, r in task["eval"]] for task in self.config["tasks"]]
 
     def _setup_sampler(self) -> None:
         sizes = [len(enc) for enc in self.train_encoded]
@@ -127,6 +134,10 @@ class MixtureFinetune:
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         torch.manual_seed(self.tc.seed)
         model = build_model(self.config["model"], self.tokenizer, on_gpu=self.tc.use_gpu)
+        if self.tc.gradient_checkpointing:
+            enable_activation_checkpointing(model)  # activation memory of one layer, for ~1/3 more compute
+        # Mixed precision follows the dtype the model was built in, which only this worker (it sees the GPU) knows.
+        ds_config = with_precision(self.config["ds_config"], next(model.parameters()).dtype)
         optimizer = (torch.optim.AdamW(model.parameters(), lr=self.tc.lr, weight_decay=self.tc.weight_decay)
                      if self.tc.torch_optimizer else None)
         schedule = functools.partial(lr_multiplier, warmup_steps=self.tc.warmup_steps, total_steps=self.tc.steps)
@@ -135,7 +146,7 @@ class MixtureFinetune:
             optimizer=optimizer,
             model_parameters=None if optimizer is not None else model.parameters(),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-            config=self.config["ds_config"],
+            config=ds_config,
             dist_init_required=False,
         )
 
@@ -220,14 +231,11 @@ class MixtureFinetune:
     def _train_step(self) -> float:
         """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss over all ranks."""
         losses = []
-        for _ in range(self.tc.grad_accum):
-            # The global stream of draws is the same on every rank; draw g belongs to rank g % world_size.
-            tasks, examples = self.sampler.draw(self.global_micro_batch)
+        for tasks, examples, mine in self._micro_batches():
             lengths = self.flat_lengths[self.task_offsets[tasks] + examples]
             self.tokens_per_task += np.bincount(tasks, weights=lengths, minlength=len(self.task_names)).astype(np.int64)
             self.tokens_seen += int(lengths.sum())
             self.examples_seen += len(tasks)
-            mine = slice(self.rank, None, self.world_size)
             if self._audit is not None:
                 self._audit_ids.extend(self.train_ids[t][i] for t, i in zip(tasks[mine], examples[mine]))
             batch = collate([self.train_encoded[t][i] for t, i in zip(tasks[mine], examples[mine])],
@@ -246,6 +254,21 @@ class MixtureFinetune:
             dist.all_reduce(mean)
             mean /= self.world_size
         return float(mean)
+
+    def _micro_batches(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """This step's draws, per micro-step: (task ids, example indices) of all ranks, and this rank's positions.
+
+        The global stream of draws is the same on every rank. Draw g of a micro-step belongs to rank
+        g % world_size; with ``group_by_length`` the step's draws are sorted by length first and cut into blocks
+        (micro-step a, rank r: block a * world_size + r), so a micro-batch pads to similar lengths.
+        """
+        n, accum = self.global_micro_batch, self.tc.grad_accum
+        if not self.tc.group_by_length:
+            return [(*self.sampler.draw(n), np.arange(self.rank, n, self.world_size)) for _ in range(accum)]
+        tasks, examples = self.sampler.draw(n * accum)
+        order = np.argsort(self.flat_lengths[self.task_offsets[tasks] + examples], kind="stable")
+        mine = np.arange(self.rank * self.tc.micro_batch_size, (self.rank + 1) * self.tc.micro_batch_size)
+        return [(tasks[order[a * n: (a + 1) * n]], examples[order[a * n: (a + 1) * n]], mine) for a in range(accum)]
 
     def _maybe_inject_failure(self) -> None:
         """Test hook: raise once (a marker file remembers) on the last rank after step ``fail_at_step``."""
