@@ -2,17 +2,22 @@
 
 Every error reaches the user as one line and a non-zero exit; ``--debug`` shows the traceback.
 Heavy imports (torch, Ray, DeepSpeed) happen inside the commands that need them.
+Commands that run stages print one line per stage and keep the framework output in ``<output_dir>/logs/``
+(``taskpgm_ray.console``); ``-v`` streams it instead, ``-q`` prints only the final table and errors.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from taskpgm_ray.config import Config, ConfigError, EnergyConfig, load_config
+from taskpgm_ray.console import NORMAL, QUIET, VERBOSE, RunConsole, StageProgress
 
 EXIT_BAD_INPUT = 2
 _ENERGY = EnergyConfig()  # the config's energy defaults are also the `solve` command's
@@ -21,6 +26,9 @@ _ENERGY = EnergyConfig()  # the config's energy defaults are also the `solve` co
 SET_HELP = ("Override a config field, e.g. --set train.steps=50 or --set tasks.0.max_examples=500 "
             "(repeatable; VALUE is YAML).")
 COMMAND_SETS = "taskpgm.set"  # ctx.meta key: the --set values given after the command name
+COMMAND_VERBOSITY = "taskpgm.verbosity"  # ctx.meta key: -v / -q given after the command name
+VERBOSE_HELP = "Stream Ray's, DeepSpeed's, transformers' and W&B's output here instead of <output_dir>/logs/."
+QUIET_HELP = "Print only the final table and errors."
 
 
 def _config(config: str | None, test_mode: bool, output_dir: str | None) -> Config:
@@ -54,8 +62,42 @@ def _remember_sets(ctx: click.Context, param: click.Parameter, value: tuple[str,
     ctx.meta[COMMAND_SETS] = value
 
 
+def _remember_verbosity(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.meta.setdefault(COMMAND_VERBOSITY, set()).add(param.name)
+
+
+def _verbosity(flags: set[str]) -> str | None:
+    if {"verbose", "quiet"} <= flags:
+        raise click.UsageError("give -v/--verbose or -q/--quiet, not both")
+    return VERBOSE if "verbose" in flags else QUIET if "quiet" in flags else None
+
+
+def _ui() -> RunConsole:
+    """The command's console, at the verbosity given before or after the command name (the later wins)."""
+    ctx = click.get_current_context()
+    root = ctx.find_root()
+    ui = root.ensure_object(dict).setdefault("ui", RunConsole())
+    ui.verbosity = _verbosity(ctx.meta.get(COMMAND_VERBOSITY, set())) \
+        or _verbosity({k for k in ("verbose", "quiet") if root.params.get(k)}) or NORMAL
+    return ui
+
+
+@contextmanager
+def _stage(cfg: Config, name: str) -> Iterator[StageProgress]:
+    """One stage command: framework output to ``<output_dir>/logs/<name>.log``, a live line on the console."""
+    ui = _ui()
+    ui.route_logs(Path(cfg.output_dir) / "logs")
+    with ui.stage(name) as progress:
+        yield progress
+
+
 def stage_options(f):
-    """The options every stage command takes: CONFIG, --test-mode, --output-dir, --set."""
+    """The options every stage command takes: CONFIG, --test-mode, --output-dir, --set, -v, -q."""
+    f = click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_remember_verbosity,
+                     help=QUIET_HELP)(f)
+    f = click.option("-v", "--verbose", is_flag=True, expose_value=False, callback=_remember_verbosity,
+                     help=VERBOSE_HELP)(f)
     f = click.option("--set", "set_", multiple=True, metavar="KEY=VALUE", expose_value=False,
                      callback=_remember_sets, help=SET_HELP)(f)
     f = click.option("--output-dir", type=click.Path(file_okay=False), default=None,
@@ -69,11 +111,13 @@ def stage_options(f):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
 @click.option("--set", "set_", multiple=True, metavar="KEY=VALUE", help=SET_HELP + " Also after the command.")
+@click.option("-v", "--verbose", is_flag=True, help=VERBOSE_HELP + " Also after the command.")
+@click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP + " Also after the command.")
 @click.version_option(package_name="taskpgm_ray")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool, set_: tuple[str, ...]) -> None:
+def cli(ctx: click.Context, debug: bool, set_: tuple[str, ...], verbose: bool, quiet: bool) -> None:
     """TaskPGM on Ray: learn how much of each task to fine-tune on, then run the fine-tune."""
-    ctx.obj = {"debug": debug}
+    ctx.ensure_object(dict)["debug"] = debug
 
 
 # --------------------------------------------------------------------------------------------------
@@ -137,12 +181,12 @@ def tasks_synth(out: str, spec_path: str | None, seed: int | None, scale: float)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run where it stopped.")
 def run(config: str | None, test_mode: bool, output_dir: str | None, resume: bool) -> None:
     """The whole pipeline: tasks, probes, estimate, tune, train, report."""
-    from taskpgm_ray.pipeline import run_pipeline
+    from taskpgm_ray.pipeline import Pipeline
 
     cfg = _config(config, test_mode, output_dir)
-    run_pipeline(cfg, resume=resume)
-    out = Path(cfg.output_dir)
-    click.echo(f"mixture: {out / 'mixture.json'}  report: {out / 'report' / 'summary.md'}")
+    ui = _ui()
+    ui.route_logs(Path(cfg.output_dir) / "logs")
+    Pipeline(cfg, resume=resume, ui=ui).run()
 
 
 @cli.command()
@@ -151,22 +195,30 @@ def probe(config: str | None, test_mode: bool, output_dir: str | None) -> None:
     """Stage 2: one LoRA proxy fine-tune per task (cached per task)."""
     from taskpgm_ray.distributed.probes import probe_command
 
-    probe_command(_config(config, test_mode, output_dir))
+    cfg = _config(config, test_mode, output_dir)
+    with _stage(cfg, "probes") as progress:
+        result = probe_command(cfg, progress=progress)
+    _ui().final(f"{len(result['probes'])} proxies ({len(result['trained'])} trained, {len(result['cached'])} cached) "
+                f"in {Path(cfg.output_dir) / 'probes'}")
 
 
 @cli.command()
 @stage_options
 def estimate(config: str | None, test_mode: bool, output_dir: str | None) -> None:
     """Stages 3-5: every proxy scores every probe set; likelihoods.npz, signal checks and the energy's mixture."""
+    from rich.markup import escape
+
     from taskpgm_ray.distributed.estimation import estimate_command
     from taskpgm_ray.pipeline import select_mixture
 
     cfg = _config(config, test_mode, output_dir)
-    result = estimate_command(cfg)
-    path = select_mixture(cfg.output_dir, tune=False)
+    with _stage(cfg, "estimate") as progress:
+        result = estimate_command(cfg, progress=progress)
+        path = select_mixture(cfg.output_dir, tune=False)
+    ui = _ui()
     for line in result["signal"]["warnings"]:
-        click.echo(f"warning: {line}", err=True)
-    click.echo(f"wrote {path} (signal checks: {Path(cfg.output_dir) / 'estimate' / 'signal.json'})")
+        ui.line(f"[yellow]warning:[/yellow] {escape(line)}")
+    ui.final(f"wrote {path} (signal checks: {Path(cfg.output_dir) / 'estimate' / 'signal.json'})")
 
 
 @cli.command()
@@ -177,8 +229,10 @@ def train(config: str | None, test_mode: bool, output_dir: str | None, mixture_p
     """Stage 6: fine-tune the target model on a mixture (Ray Train + DeepSpeed)."""
     from taskpgm_ray.train import train_command
 
-    summary = train_command(_config(config, test_mode, output_dir), mixture_path)
-    click.echo(f"mean eval loss {summary['eval_loss_mean']:.4f}")
+    cfg = _config(config, test_mode, output_dir)
+    with _stage(cfg, "train") as progress:
+        summary = train_command(cfg, mixture_path, progress=progress)
+    _ui().final(f"mean eval loss {summary['eval_loss_mean']:.4f}")
 
 
 @cli.command("tune")
@@ -193,13 +247,14 @@ def tune_cmd(config: str | None, test_mode: bool, output_dir: str | None) -> Non
     out = Path(cfg.output_dir)
     if not (out / "likelihoods.npz").exists():
         raise click.UsageError(f"{out / 'likelihoods.npz'} not found: run `taskpgm estimate` first")
-    result = run_tune(cfg, pipe.tasks, load_sums(out))
-    write_best_mixture(result["best"], pipe.tasks, out / "tune" / "best.json", inputs_hash=pipe.tune_key(),
-                       weight_unit=cfg.train.weight_unit)
-    select_mixture(out, tune=True)
+    with _stage(cfg, "tune") as progress:
+        result = run_tune(cfg, pipe.tasks, load_sums(out), progress=progress)
+        write_best_mixture(result["best"], pipe.tasks, out / "tune" / "best.json", inputs_hash=pipe.tune_key(),
+                           weight_unit=cfg.train.weight_unit)
+        select_mixture(out, tune=True)
     best = result["best"]
-    click.echo(f"best: {best['method']} {best['hyperparameters']} validation loss {best['validation_loss']:.4f}; "
-               f"{len(result['trials'])} trials in {out / 'tune' / 'results.json'}")
+    _ui().final(f"best: {best['method']} {best['hyperparameters']} validation loss {best['validation_loss']:.4f}; "
+                f"{len(result['trials'])} trials in {out / 'tune' / 'results.json'}")
 
 
 @cli.command()
@@ -214,10 +269,12 @@ def compare(config: str | None, test_mode: bool, output_dir: str | None, mixture
     from taskpgm_ray.compare import compare_command
 
     cfg = _config(config, test_mode, output_dir)
-    results = compare_command(cfg, mixtures=list(mixtures), seeds=list(seeds) or None)
+    with _stage(cfg, "compare") as progress:
+        results = compare_command(cfg, mixtures=list(mixtures), seeds=list(seeds) or None, progress=progress)
     out = Path(cfg.output_dir) / "compare"
-    click.echo((out / "summary.md").read_text().rstrip())
-    click.echo(f"wrote {out / 'results.json'} and {out / 'compare.png'} ({results['seconds']:.0f}s)")
+    ui = _ui()
+    ui.final((out / "summary.md").read_text().rstrip())
+    ui.final(f"wrote {out / 'results.json'} and {out / 'compare.png'} ({results['seconds']:.0f}s)")
 
 
 @cli.command()
@@ -389,35 +446,48 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; bad input is one line on stderr and exit code 2, never a traceback (unless --debug)."""
+    """Run the CLI; bad input is one line on stderr and exit code 2, never a traceback (unless --debug).
+
+    Any other failure also prints the last lines of the failed stage's log and its path.
+    """
     from taskpgm_ray.tasks import TaskError
 
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or os.environ.get("TASKPGM_DEBUG") == "1"
+    ui = RunConsole()  # the commands set its verbosity; errors below go out after it gives stdout/stderr back
     try:
-        cli.main(args=args, prog_name="taskpgm", standalone_mode=False)
+        cli.main(args=args, prog_name="taskpgm", standalone_mode=False, obj={"ui": ui})
         return 0
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.exceptions.Abort:
+        ui.close()
         click.echo("taskpgm: aborted", err=True)
         return 130
     except click.ClickException as exc:
+        ui.close()
         if debug:
             raise
         exc.show()
         return exc.exit_code
     except (ConfigError, TaskError, ValueError, FileNotFoundError, KeyError) as exc:
+        ui.close()
         if debug:
             raise
         click.echo(f"taskpgm: error: {_one_line(exc)}", err=True)
         return EXIT_BAD_INPUT
-    except Exception as exc:  # anything else is our bug or the environment's: still one line
+    except Exception as exc:  # anything else is our bug or the environment's: still one line, after the log's tail
+        tail = ui.failure_tail()
+        ui.close()
         if debug:
             raise
+        for line in tail:
+            click.echo(line, err=True)
         click.echo(f"taskpgm: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)",
                    err=True)
         return 1
+    finally:
+        ui.close()
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from taskpgm_ray.config import Config
+from taskpgm_ray.console import StageProgress
 from taskpgm_ray.io import atomic_write_json, atomic_write_text
 from taskpgm_ray.tasks import TaskData
 
@@ -104,8 +105,10 @@ def _fit(cfg: Config, tasks: list[TaskData], weights: dict[str, float], run_dir:
 
 
 def compare_command(cfg: Config, *, mixtures: list[str | Path] = (), seeds: list[int] | None = None,
-                    tasks: list[TaskData] | None = None) -> dict[str, Any]:
+                    tasks: list[TaskData] | None = None, progress: StageProgress | None = None) -> dict[str, Any]:
     """Fine-tune every mixture with the run's budget for every seed, score on test, write ``compare/``.
+
+    ``progress`` is the live line: fine-tunes finished k/n (cached ones count as finished).
 
     Raises:
         ValueError: a task without test examples, a bad mixture file, or a train config that does not fit.
@@ -157,12 +160,15 @@ def compare_command(cfg: Config, *, mixtures: list[str | Path] = (), seeds: list
                 summaries[(seed, method)] = json.loads(path.read_text())
                 continue
             pending[fit.remote(scfg, tasks, m["weights"], str(run_dir))] = (seed, method, path)
+    progress = progress or StageProgress()
+    progress.start(len(summaries) + len(pending), done=len(summaries))
     while pending:  # Ray runs as many fine-tunes side by side as the cluster's CPUs allow
         (ref,), _ = ray.wait(list(pending), num_returns=1)
         seed, method, path = pending.pop(ref)
         summary = ray.get(ref)
         atomic_write_json(path, summary)
         summaries[(seed, method)] = summary
+        progress.update(len(summaries), info=f"last finished: {method}, seed {seed}")
 
     results = _results(tasks, scored, methods, seeds, summaries)
     results["seconds"] = time.perf_counter() - t0

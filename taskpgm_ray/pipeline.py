@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from taskpgm_ray.config import Config
+from taskpgm_ray.console import RunConsole, StageProgress
 from taskpgm_ray.io import atomic_write_json, atomic_write_text
 
 # Settings that change where or how fast a stage runs, never its result: left out of the stage keys.
@@ -51,19 +52,18 @@ class Stage:
     name: str
     key: Callable[[], str]  # computed lazily: a key may depend on the previous stage's artefacts
     outputs: list[str]  # relative to the run directory
-    run: Callable[[], Any]
+    run: Callable[[], Any]  # returns what the stage's console line summarises
 
 
 class Pipeline:
     """The stages of one run directory and their bookkeeping in ``stages.json``."""
 
-    def __init__(self, cfg: Config, *, resume: bool = False, console: Any = None):
-        from rich.console import Console
-
+    def __init__(self, cfg: Config, *, resume: bool = False, ui: RunConsole | None = None):
         self.cfg = cfg
         self.resume = resume
         self.out = Path(cfg.output_dir).resolve()
-        self.console = console or Console()
+        self.ui = ui or RunConsole()
+        self._progress = StageProgress()  # the running stage's live line (silent between stages)
         self._state_path = self.out / "stages.json"  # {stage: {"key", "status", "seconds"}}
         self._state: dict[str, dict] = json.loads(self._state_path.read_text()) if self._state_path.exists() else {}
         self._tasks = None  # loaded once, shared by every stage
@@ -141,58 +141,81 @@ class Pipeline:
         ]
         return stages
 
-    def _run_tasks(self) -> None:
+    def _run_tasks(self) -> str:
         from taskpgm_ray.models import ensure_proxy_tokenizer, ensure_run_tokenizer
         from taskpgm_ray.tasks import write_manifest
 
         write_manifest(self.tasks, self.out)
         ensure_run_tokenizer(self.cfg.model, self.out)
         ensure_proxy_tokenizer(self.cfg, self.out)
+        sizes = {split: sum(t.sizes[split] for t in self.tasks) for split in ("train", "probe", "eval")}
+        return (f"{len(self.tasks)} tasks: {sizes['train']:,} train, {sizes['probe']:,} probe, "
+                f"{sizes['eval']:,} eval examples")
 
-    def _run_probes(self) -> None:
+    def _run_probes(self) -> str:
         from taskpgm_ray.distributed.probes import probe_command
 
-        probe_command(self.cfg, tasks=self.tasks)
+        result = probe_command(self.cfg, tasks=self.tasks, progress=self._progress)
+        n = len(result["probes"])
+        return f"{n}/{n} proxies ({len(result['trained'])} trained, {len(result['cached'])} cached)"
 
-    def _run_estimate(self) -> None:
+    def _run_estimate(self) -> str:
         from taskpgm_ray.distributed.estimation import estimate_command
 
-        estimate_command(self.cfg, tasks=self.tasks)
+        p = estimate_command(self.cfg, tasks=self.tasks, progress=self._progress)
+        line = f"{p['shards_used']}/{p['shards_total']} shards scored ({p['shards_cached']} cached)"
+        changes = [row["l1_change"] for row in p["trajectory"] if row["l1_change"] is not None]
+        if changes:
+            line += f"; mixture L1 change {changes[-1]:.2g} at the last shard"
+        return line + ("; stopped early: the mixture is stable" if p["stopped_early"] else "")
 
     def print_signal(self) -> None:
         """The estimate stage's verdict, in plain words: proxies that learned, the affinity's SNR, warnings."""
+        from rich.markup import escape
+
         path = self.out / "estimate" / "signal.json"
         if not path.exists():
             return
         signal = json.loads(path.read_text())
         snr = signal.get("affinity", {}).get("snr")
-        self.console.print(f"signal: {signal['learned']}/{len(signal['tasks'])} proxies learned their task"
-                           + (f"; PMI affinity signal-to-noise {snr:.1f}" if snr is not None else "")
-                           + f" ({path.relative_to(self.out)})")
+        self.ui.line(f"signal: {signal['learned']}/{len(signal['tasks'])} proxies learned their task"
+                     + (f"; PMI affinity signal-to-noise {snr:.1f}" if snr is not None else "")
+                     + f" ({path.relative_to(self.out)})")
         for w in signal["warnings"]:
-            self.console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
+            self.ui.line(f"[yellow]warning:[/yellow] {escape(w)}")
 
-    def _run_tune(self) -> None:
+    def _run_tune(self) -> str:
+        from taskpgm_ray.tracking import trial_name
         from taskpgm_ray.tune import run_tune, write_best_mixture
 
-        result = run_tune(self.cfg, self.tasks, load_sums(self.out), resume=self.resume)
-        write_best_mixture(result["best"], self.tasks, self.out / "tune" / "best.json", inputs_hash=self.tune_key(),
+        result = run_tune(self.cfg, self.tasks, load_sums(self.out), resume=self.resume, progress=self._progress)
+        best = result["best"]
+        write_best_mixture(best, self.tasks, self.out / "tune" / "best.json", inputs_hash=self.tune_key(),
                            weight_unit=self.cfg.train.weight_unit)
+        failed = sum(t["status"] == "error" for t in result["trials"])
+        return (f"{len(result['trials'])} trials{f' ({failed} failed)' if failed else ''}; best "
+                f"{trial_name(best['params']).removeprefix('trial-')}, validation loss {best['validation_loss']:.4f}")
 
-    def _run_select(self) -> None:
-        select_mixture(self.out, tune=self.cfg.tune.enabled)
+    def _run_select(self) -> str:
+        path = select_mixture(self.out, tune=self.cfg.tune.enabled)
+        source = "tune/best.json" if self.cfg.tune.enabled else "estimate/mixture.json"
+        return f"{path.name} = {source} ({json.loads(path.read_text())['method']})"
 
-    def _run_train(self) -> None:
+    def _run_train(self) -> str:
         from taskpgm_ray.train import train_command
 
         if not self.resume:  # a fresh run: do not continue a half-finished fine-tune of an older mixture
             shutil.rmtree(self.out / "train", ignore_errors=True)
-        train_command(self.cfg, self.out / "mixture.json", tasks=self.tasks)
+        s = train_command(self.cfg, self.out / "mixture.json", tasks=self.tasks, progress=self._progress)
+        loss = s["loss_curve"][-1] if s.get("loss_curve") else float("nan")
+        return (f"step {s['steps']}/{self.cfg.train.steps}, loss {loss:.4f}, eval loss {s['eval_loss_mean']:.4f}, "
+                f"{s['throughput']['tokens_per_s']:,.0f} tokens/s")
 
-    def _run_report(self) -> None:
+    def _run_report(self) -> str:
         from taskpgm_ray.report import make_report
 
         make_report(self.out, tracking=self.cfg.tracking)
+        return f"report/summary.md and {len(list((self.out / 'report').glob('*.png')))} plots"
 
     # -- orchestration -------------------------------------------------------------------------------
     def is_done(self, stage: Stage, key: str) -> bool:
@@ -202,7 +225,11 @@ class Pipeline:
 
     def run(self, *, until: str | None = None) -> list[tuple[str, str, float]]:
         """Run every stage not already done with the same key (through ``until`` when given); return
-        (stage, status, seconds) rows."""
+        (stage, status, seconds) rows.
+
+        The console gets one line per stage (live while it runs), then the stage table and where the results
+        are; the stage's framework output goes to ``logs/<stage>.log`` when the console routes it there.
+        """
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(_yaml(self.cfg.to_dict()))
         stages = self.stages()
@@ -211,29 +238,42 @@ class Pipeline:
             if until not in names:
                 raise ValueError(f"unknown stage {until!r}; stages: {', '.join(names)}")
             stages = stages[: names.index(until) + 1]
-        for stage in stages:
-            key = stage.key()
+        try:
+            for stage in stages:
+                self._run_stage(stage)
+        except BaseException:
+            self.print_table()
+            raise
+        self.print_table()
+        if until is None:
+            self.print_where()
+        return self.timings
+
+    def _run_stage(self, stage: Stage) -> None:
+        """One stage: skipped when done with the same key, else run and recorded; its console line."""
+        with self.ui.stage(stage.name) as progress:
+            key = stage.key()  # inside: loading the tasks or hashing weights may print
             if self.is_done(stage, key):
                 self.timings.append((stage.name, "cached", 0.0))
-                self.console.print(f"[dim]stage {stage.name}: up to date (key {key})[/dim]")
-                continue
-            self.console.print(f"[bold]stage {stage.name}[/bold]: running")
+                self.ui.line(f"[dim]{stage.name:<9} up to date (key {key})[/dim]")
+                return
             self._record(stage.name, key, "running", 0.0)
             start = time.time()
+            self._progress = progress
             try:
-                stage.run()
+                summary = stage.run()
             except BaseException:
                 self._record(stage.name, key, "failed", time.time() - start)
                 self.timings.append((stage.name, "failed", time.time() - start))
-                self.print_table()
                 raise
+            finally:
+                self._progress = StageProgress()
             seconds = time.time() - start
             self._record(stage.name, key, "done", seconds)
             self.timings.append((stage.name, "done", seconds))
-            if stage.name == "estimate":
-                self.print_signal()
-        self.print_table()
-        return self.timings
+        self.ui.line(f"[bold]{stage.name:<9}[/bold] {summary or 'done'}")
+        if stage.name == "estimate":
+            self.print_signal()
 
     def _record(self, name: str, key: str, status: str, seconds: float) -> None:
         self._state[name] = {"key": key, "status": status, "seconds": round(seconds, 2)}
@@ -242,14 +282,30 @@ class Pipeline:
     def print_table(self) -> None:
         from rich.table import Table
 
-        table = Table(title=f"taskpgm run: {self.out}")
+        table = Table()
         table.add_column("stage")
         table.add_column("status")
         table.add_column("seconds", justify="right")
         for name, status, seconds in self.timings:
             table.add_row(name, status, f"{seconds:.1f}")
         table.add_row("total", "", f"{sum(s for _, _, s in self.timings):.1f}")
-        self.console.print(table)
+        self.ui.final(f"taskpgm run: {_shown(self.out)}")  # not the table's title: rich wraps a long title
+        self.ui.final(table)
+
+    def print_where(self) -> None:
+        """Where the mixture, the report, the W&B runs and the logs are (printed even with ``-q``)."""
+        from taskpgm_ray.tracking import resolve_tracking
+
+        self.ui.final(f"mixture  {_shown(self.out / 'mixture.json')}")
+        self.ui.final(f"report   {_shown(self.out / 'report' / 'summary.md')}")
+        tracking = resolve_tracking(self.cfg.tracking, self.out)
+        if tracking.wandb == "offline":
+            self.ui.final(f"W&B      offline, group {tracking.group}; upload: wandb sync $(find {_shown(self.out)} "
+                          f"-type d -name 'offline-run-*')")
+        elif tracking.wandb == "online":
+            self.ui.final(f"W&B      project {tracking.project}, group {tracking.group}")
+        if self.ui.log_dir is not None:
+            self.ui.final(f"logs     {_shown(self.ui.log_dir.resolve())}")
 
 
 def select_mixture(run_dir: str | Path, *, tune: bool) -> Path:
@@ -277,6 +333,14 @@ def load_sums(run_dir: str | Path) -> dict[str, Any]:
         with np.load(run_dir / "jsd.npz") as f:
             sums["jsd_sum"], sums["jsd_count"] = f["jsd_sum"], f["token_count"]
     return sums
+
+
+def _shown(path: Path) -> str:
+    """``path`` as the console shows it: relative to the working directory when under it, else absolute."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _yaml(d: dict) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from taskpgm_ray.config import Config, EnergyConfig
+from taskpgm_ray.console import StageProgress
 from taskpgm_ray.io import atomic_write_json
 from taskpgm_ray.tasks import TaskData
 
@@ -143,10 +144,38 @@ def max_concurrent_trials(cfg: Config) -> int:
     return min(cfg.tune.max_concurrent, fit) if cfg.tune.max_concurrent else fit
 
 
-def run_tune(cfg: Config, tasks: list[TaskData], sums: dict[str, Any], *, resume: bool = False) -> dict[str, Any]:
+def trial_progress(progress: StageProgress, total: int | None) -> Any:
+    """A Tune callback (it runs on the driver) showing trials finished k/n and the best so far on ``progress``."""
+    from ray.tune import Callback
+
+    from taskpgm_ray.tracking import trial_name
+
+    class TrialProgress(Callback):
+        # Tune pickles its callbacks with the experiment state: the live line stays out (closures too).
+        def __init__(self, progress: StageProgress, total: int | None) -> None:
+            self.progress, self.total = progress, total
+
+        def __getstate__(self) -> dict:
+            return {"progress": StageProgress(), "total": self.total}
+
+        def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+            scored = [(t.last_result[METRIC], t) for t in trials
+                      if isinstance(t.last_result.get(METRIC), float) and math.isfinite(t.last_result[METRIC])]
+            best = min(scored, key=lambda x: x[0]) if scored else None
+            self.progress.update(sum(t.is_finished() for t in trials),
+                                 total=max(self.total or 0, len(trials)) or None,
+                                 info=f"best so far {trial_name(best[1].config).removeprefix('trial-')}: "
+                                      f"{best[0]:.4f}" if best else "")
+
+    return TrialProgress(progress, total)
+
+
+def run_tune(cfg: Config, tasks: list[TaskData], sums: dict[str, Any], *, resume: bool = False,
+             progress: StageProgress | None = None) -> dict[str, Any]:
     """Search, write ``tune/results.json``, and return ``{"best": ..., "trials": [...]}``.
 
-    ``sums`` holds the estimation sums (``loglik_sum``, ``count``, optional ``jsd_sum``, ``jsd_count``).
+    ``sums`` holds the estimation sums (``loglik_sum``, ``count``, optional ``jsd_sum``, ``jsd_count``);
+    ``progress`` is the stage's live line (trials k/n, the best so far).
     """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -175,6 +204,9 @@ def run_tune(cfg: Config, tasks: list[TaskData], sums: dict[str, Any], *, resume
         tune.with_parameters(_trial, cfg=cfg, tasks=tasks, sums=sums, run_dir=str(out)), {"cpu": TRIAL_CPU})
     storage = out / "tune" / "ray"
     started = time.time()
+    total = None if cfg.tune.search == "grid" else n_taskpgm + len(points)
+    progress = progress or StageProgress()
+    progress.start(total)
     if resume and tune.Tuner.can_restore(str(storage / "search")):
         tuner = tune.Tuner.restore(str(storage / "search"), trainable, resume_errored=True)
     else:
@@ -183,7 +215,8 @@ def run_tune(cfg: Config, tasks: list[TaskData], sums: dict[str, Any], *, resume
             param_space=space,
             tune_config=tune.TuneConfig(metric=METRIC, mode="min", search_alg=searcher,
                                         scheduler=scheduler, num_samples=n_taskpgm + len(points)),
-            run_config=tune.RunConfig(name="search", storage_path=str(storage)),
+            run_config=tune.RunConfig(name="search", storage_path=str(storage),
+                                      callbacks=[trial_progress(progress, total)]),
         )
     grid = tuner.fit()
     trials = []

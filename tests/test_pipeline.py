@@ -45,7 +45,7 @@ def test_the_console_is_short_says_each_thing_once_and_the_logs_hold_the_framewo
     assert not repeated, console
     assert not re.search(r"Warning|WARNING|Traceback|\(pid=|pid=\d+\)", console), console  # nothing from the frameworks
     for stage in ("tasks", "probes", "estimate", "tune", "select", "train", "report"):
-        assert sum(line.startswith(f"{stage} ") for line in lines) == 1, (stage, console)
+        assert sum(line.startswith(f"{stage:<9} ") for line in lines) == 1, (stage, console)
     assert re.search(r"^train +step 120/120, loss [\d.]+, eval loss [\d.]+, [\d,]+ tokens/s$", console, re.M), console
     assert re.search(r"^tune +5 trials; best .+, validation loss [\d.]+$", console, re.M), console
     assert f"mixture  {run_dir / 'mixture.json'}" in lines and f"logs     {run_dir / 'logs'}" in lines
@@ -182,7 +182,8 @@ def test_rerun_is_cached_an_interrupted_training_resumes_and_a_change_reruns_onl
     assert {s: status for s, status, _ in timings} == {
         "tasks": "cached", "probes": "cached", "estimate": "cached", "tune": "cached", "select": "cached",
         "train": "done", "report": "done"}
-    assert [h["step"] for h in json.loads((run_dir / "train" / "summary.json").read_text())["history"]] == [60, 120]
+    history = [h["step"] for h in json.loads((run_dir / "train" / "summary.json").read_text())["history"]]
+    assert history == [40, 60, 80, 120]  # eval_every 60, and every checkpoint (checkpoint_every 40) evaluates too
 
     data["tune"]["enabled"] = False  # the energy's mixture now: select, train and report run again, nothing else
     cfg = config_from_dict(data, source=str(TEST_CONFIG))

@@ -8,6 +8,7 @@ import os
 PROPAGATED_ENV = (
     "WANDB_MODE", "WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_DIR",
     "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "TOKENIZERS_PARALLELISM",
+    "HF_HUB_DISABLE_PROGRESS_BARS",  # set for log files (console.LOG_ENV): no tqdm redraws in the stage logs
 )
 
 
@@ -15,6 +16,9 @@ def worker_env() -> dict[str, str]:
     """The subset of this process's environment that Ray workers inherit through the runtime env."""
     env = {k: os.environ[k] for k in PROPAGATED_ENV if k in os.environ}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Ray Train V2 patches print() on its workers to also log each line, which prints rank 0's lines twice
+    # (once more when W&B wraps stdout); Ray Train's own switch turns the patch off.
+    env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0"))
     return env
 
 

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from taskpgm_ray.config import Config
+from taskpgm_ray.console import StageProgress
 from taskpgm_ray.distributed.optimizer import MixtureOptimizer, ShardSums
 from taskpgm_ray.io import atomic_savez, atomic_write_json
 from taskpgm_ray.tasks import TaskData
@@ -383,7 +384,8 @@ def resolve_proxies(cfg: Config, tasks: list[TaskData]) -> list[Proxy]:
 
 
 def estimate_command(cfg: Config, *, tasks: list[TaskData] | None = None,
-                     on_result: Callable[[int, list], None] | None = None) -> dict:
+                     on_result: Callable[[int, list], None] | None = None,
+                     progress: StageProgress | None = None) -> dict:
     """Score every proxy on every probe set and write the likelihood matrix, affinities and mixture.
 
     Args:
@@ -391,6 +393,7 @@ def estimate_command(cfg: Config, *, tasks: list[TaskData] | None = None,
         tasks: already loaded tasks (default: ``load_tasks(cfg)``).
         on_result: test hook, called as ``on_result(results_so_far, actor_handles)`` after each newly
             scored shard (e.g. to kill an actor mid-run).
+        progress: the stage's live line: shards k/n and the running mixture's L1 change.
 
     Writes (under ``output_dir``): ``likelihoods.npz`` (CONTRACT.md), ``jsd.npz`` (with ``estimation.jsd``),
     ``estimate/mixture.json`` (the config's energy), ``estimate/signal.json`` (signal checks),
@@ -434,6 +437,8 @@ def estimate_command(cfg: Config, *, tasks: list[TaskData] | None = None,
                  or (e.jsd and _jsd_pairs(records[s.index], order) is None))
     pending = {s.index for s in todo}
     cached = [s for s in shards if s.index not in pending]
+    progress = progress or StageProgress()
+    progress.start(len(shards), done=len(cached))
 
     # 2. the central optimiser, fed the cached shards first (in round-robin order)
     from taskpgm_ray.distributed.solve import mixture_caps
@@ -456,7 +461,7 @@ def estimate_command(cfg: Config, *, tasks: list[TaskData] | None = None,
         if todo and not status["stable"]:
             tok_path = str(ensure_proxy_tokenizer(cfg, out_dir).resolve())
             _run_actors(cfg, proxies, todo, records, sums, optimizer, status, stats, tok_path=tok_path,
-                        on_result=on_result)
+                        on_result=on_result, progress=progress)
         trajectory = ray.get(optimizer.trajectory.remote())
         bands = ray.get(optimizer.bootstrap.remote(e.bootstrap, cfg.probes.seed))
     finally:
@@ -597,7 +602,7 @@ def signal_checks(names: list[str], examples: dict[str, np.ndarray], *, n_boot: 
     return out
 
 
-def _run_actors(cfg, proxies, todo, records, sums, optimizer, status, stats, *, tok_path, on_result):
+def _run_actors(cfg, proxies, todo, records, sums, optimizer, status, stats, *, tok_path, on_result, progress):
     """Hand the shards in ``todo`` to the actors; fold results into ``records``, ``sums``, ``status``, ``stats``."""
     import ray
 
@@ -619,6 +624,7 @@ def _run_actors(cfg, proxies, todo, records, sums, optimizer, status, stats, *, 
         except ray.exceptions.RayTaskError as exc:
             raise EstimationError(str(getattr(exc, "cause", exc))) from None
         inflight: dict[Any, tuple[int, Shard]] = {}
+        last_update = None  # the optimizer's answer to the previous shard, read for the live line when ready
         busy = dict.fromkeys(alive, 0)
         t_start = time.perf_counter()
 
@@ -664,6 +670,11 @@ def _run_actors(cfg, proxies, todo, records, sums, optimizer, status, stats, *, 
             update = optimizer.add.remote(sums[s.index])
             if e.stop_when_stable is not None:  # only the stopping rule needs the answer before going on
                 status.update(ray.get(update))
+            elif last_update is not None and ray.wait([last_update], timeout=0)[0]:  # the display: never wait
+                status["l1_change"] = ray.get(last_update)["l1_change"]
+            last_update = update
+            l1 = status.get("l1_change")
+            progress.update(len(sums), info=f"mixture L1 change {l1:.2g}" if l1 is not None else "")
             stats["scored"] += 1
             stats["adapter_shard_scorings"] += len(res["loglik"])
             stats["forwards"] += res["forwards"]

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from taskpgm_ray.config import Config, ModelConfig, ProbeConfig
+from taskpgm_ray.console import StageProgress
 from taskpgm_ray.tasks import TaskData
 
 if TYPE_CHECKING:
@@ -216,25 +217,14 @@ def train_probe(task_name: str, pairs: list[tuple[str, str]], probes: dict, mode
 # the driver
 
 
-def _status_table(rows: dict[str, str]) -> Any:
-    from rich.table import Table
-
-    counts = {s: sum(v == s for v in rows.values()) for s in ("cached", "running", "done", "failed")}
-    table = Table(title="probes: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    table.add_column("task")
-    table.add_column("status")
-    colour = {"cached": "dim", "running": "yellow", "done": "green", "failed": "red"}
-    for name, status in rows.items():
-        table.add_row(name, f"[{colour[status]}]{status}[/]")
-    return table
-
-
-def probe_command(cfg: Config, *, tasks: list[TaskData] | None = None) -> dict:
+def probe_command(cfg: Config, *, tasks: list[TaskData] | None = None,
+                  progress: StageProgress | None = None) -> dict:
     """Train (or reuse) one proxy adapter per task; the ``taskpgm probe CONFIG`` stage.
 
     Args:
         cfg: the run config (``probes``, ``proxy_model`` or else ``model``, ``output_dir``).
         tasks: already loaded tasks (default: ``load_tasks(cfg)``).
+        progress: the stage's live line: probes k/n with ETA, a failed probe named as it fails.
 
     Returns:
         ``{"probes": {task: {"path", "hash", "status": "trained"|"cached", ...}}, "trained": [...],
@@ -247,8 +237,6 @@ def probe_command(cfg: Config, *, tasks: list[TaskData] | None = None) -> dict:
             model (checked on the driver before any probe starts).
     """
     import ray
-    from rich.console import Console
-    from rich.live import Live
 
     from taskpgm_ray.distributed.cluster import init_ray, require_resources
     from taskpgm_ray.models import ensure_proxy_tokenizer, model_skeleton
@@ -281,19 +269,20 @@ def probe_command(cfg: Config, *, tasks: list[TaskData] | None = None) -> dict:
         pending[ref] = t
         status[t.name] = "running"
     failed: dict[str, str] = {}
-    console = Console(stderr=True)
-    with Live(_status_table(status), console=console, refresh_per_second=4, transient=False) as live:
-        while pending:
-            (ref,), _ = ray.wait(list(pending), num_returns=1)
-            t = pending.pop(ref)
-            try:
-                out[t.name].update(ray.get(ref), status="trained")
-                status[t.name] = "done"
-            except ray.exceptions.RayError as exc:
-                cause = getattr(exc, "cause", None) or exc
-                failed[t.name] = f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1][:300]}"
-                status[t.name] = "failed"
-            live.update(_status_table(status))
+    progress = progress or StageProgress()
+    progress.start(len(tasks), done=len(tasks) - len(pending))
+    while pending:
+        (ref,), _ = ray.wait(list(pending), num_returns=1)
+        t = pending.pop(ref)
+        try:
+            out[t.name].update(ray.get(ref), status="trained")
+            status[t.name] = "done"
+        except ray.exceptions.RayError as exc:
+            cause = getattr(exc, "cause", None) or exc
+            failed[t.name] = f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1][:300]}"
+            status[t.name] = "failed"
+            progress.note(f"task {t.name!r} failed after {pc.max_retries} retries ({type(cause).__name__})")
+        progress.update(len(tasks) - len(pending), info=f"{len(failed)} failed" if failed else "")
     if failed:
         raise ProbeError(failed, kept=sum(s in ("done", "cached") for s in status.values()),
                          where=Path(cfg.output_dir) / "probes")

@@ -6,14 +6,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from taskpgm_ray.config import Config
+from taskpgm_ray.console import StageProgress
 from taskpgm_ray.train.validation import read_mixture_weights, validate_mixture
 
 if TYPE_CHECKING:
@@ -22,6 +26,7 @@ if TYPE_CHECKING:
     from taskpgm_ray.tasks import TaskData
 
 FAILURE_MARKER = ".injected-failure"  # under <run_dir>/train: the test hook fires once per run directory
+PROGRESS_FILE = "progress.json"  # under <run_dir>/train: rank 0's step, loss, eval loss, tokens/s (the live line)
 
 
 def build_trainer(cfg: Config, tasks: list[TaskData], weights: Mapping[str, float], *, run_dir: str | os.PathLike,
@@ -81,6 +86,7 @@ def build_trainer(cfg: Config, tasks: list[TaskData], weights: Mapping[str, floa
         "sampler": sampler,
         "fail_at_step": fail_at_step,
         "fail_marker": str(run_dir / "train" / FAILURE_MARKER),
+        "progress_path": str(run_dir / "train" / PROGRESS_FILE),
     }
     return TorchTrainer(
         train_loop_per_worker,
@@ -99,10 +105,12 @@ def build_trainer(cfg: Config, tasks: list[TaskData], weights: Mapping[str, floa
 
 
 def run_training(cfg: Config, tasks: list[TaskData], weights: Mapping[str, float], *,
-                 run_dir: str | os.PathLike | None = None, **trainer_kwargs: Any) -> dict[str, Any]:
+                 run_dir: str | os.PathLike | None = None, progress: StageProgress | None = None,
+                 **trainer_kwargs: Any) -> dict[str, Any]:
     """Validate, start Ray, fit, then write ``train/checkpoint/`` (model + tokenizer) and ``train/summary.json``.
 
-    ``trainer_kwargs`` go to :func:`build_trainer`. Returns the summary.
+    ``progress`` is the stage's live line (step, loss, eval loss, tokens/s); ``trainer_kwargs`` go to
+    :func:`build_trainer`. Returns the summary.
     """
     from taskpgm_ray.distributed.cluster import init_ray, require_resources
     from taskpgm_ray.io import atomic_write_json
@@ -114,7 +122,9 @@ def run_training(cfg: Config, tasks: list[TaskData], weights: Mapping[str, float
     validate_mixture(weights, tasks, dataclasses.replace(cfg, train=tc))  # before any worker starts
     init_ray()
     require_resources("train", cpus=tc.num_workers * tc.cpus_per_worker, gpus=tc.num_workers if tc.use_gpu else 0)
-    result = build_trainer(cfg, tasks, weights, run_dir=run_dir, **trainer_kwargs).fit()
+    trainer = build_trainer(cfg, tasks, weights, run_dir=run_dir, **trainer_kwargs)
+    with _show_progress(run_dir / "train" / PROGRESS_FILE, progress or StageProgress()):
+        result = trainer.fit()
     summary = result.return_value
     if summary is None or result.checkpoint is None:
         raise RuntimeError(f"training in {run_dir / 'train' / 'ray'} finished without a summary or checkpoint")
@@ -125,9 +135,37 @@ def run_training(cfg: Config, tasks: list[TaskData], weights: Mapping[str, float
     return summary
 
 
+@contextlib.contextmanager
+def _show_progress(path: Path, progress: StageProgress, every_s: float = 0.5) -> Iterator[None]:
+    """While the trainer runs, show rank 0's ``progress.json`` (see ``recipe._write_progress``) on ``progress``."""
+    path.unlink(missing_ok=True)  # an older run's
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(every_s):
+            try:
+                p = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            eval_loss = f", eval loss {p['eval_loss']:.4f}" if p.get("eval_loss") is not None else ""
+            progress.update(p["step"], total=p["steps"],
+                            info=f"loss {p['loss']:.4f}{eval_loss}, {p['tokens_per_s']:,.0f} tokens/s")
+
+    thread = threading.Thread(target=poll, name="train-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def train_command(cfg: Config, mixture_path: str | os.PathLike, *,
-                  tasks: list[TaskData] | None = None) -> dict[str, Any]:
-    """``taskpgm train CONFIG --mixture M.json``: load tasks (unless given), check the mixture, train; the summary."""
+                  tasks: list[TaskData] | None = None, progress: StageProgress | None = None) -> dict[str, Any]:
+    """``taskpgm train CONFIG --mixture M.json``: load tasks (unless given), check the mixture, train; the summary.
+
+    ``progress`` is the stage's live line (step, loss, eval loss, tokens/s).
+    """
     from taskpgm_ray.models import ensure_run_tokenizer
     from taskpgm_ray.tasks import load_tasks
 
@@ -135,7 +173,7 @@ def train_command(cfg: Config, mixture_path: str | os.PathLike, *,
     weights = read_mixture_weights(mixture_path)
     validate_mixture(weights, tasks, cfg)
     ensure_run_tokenizer(cfg.model, cfg.output_dir)
-    return run_training(cfg, tasks, weights, run_dir=cfg.output_dir)
+    return run_training(cfg, tasks, weights, run_dir=cfg.output_dir, progress=progress)
 
 
 def _install_final_model(source: Path, target: Path, cfg: Config) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import random
 import tempfile
 import time
@@ -75,6 +76,7 @@ class MixtureFinetune:
         self._exit = contextlib.ExitStack()
         self._audit = None                             # open audit log (or None)
         self._audit_ids: list[str] = []                # this step's sample ids on this rank
+        self._progress_at = 0.0                        # when rank 0 last wrote progress.json (monotonic)
         self.wandb = None
 
     # ----------------------------------------------------------------------------------------------
@@ -223,6 +225,7 @@ class MixtureFinetune:
             if eval_now or checkpoint_now:  # every report carries a fresh evaluation (Tune's metric)
                 self._evaluate_and_report(loss, lr, checkpoint=checkpoint_now, final=is_last)
                 reported_final = is_last
+            self._write_progress(loss, force=eval_now)
         if not reported_final:  # resumed from the final checkpoint: report it again so the driver gets the model
             self._evaluate_and_report(self.loss_curve[-1] if self.loss_curve else float("nan"),
                                       self.engine.get_lr()[0], checkpoint=True, final=True)
@@ -254,6 +257,23 @@ class MixtureFinetune:
             dist.all_reduce(mean)
             mean /= self.world_size
         return float(mean)
+
+    def _write_progress(self, loss: float, *, force: bool = False) -> None:
+        """Rank 0: step, loss, eval loss, tokens/s to ``progress.json`` (at most once a second unless ``force``);
+        the driver shows it as the stage's live line."""
+        path = self.config.get("progress_path")
+        if not self.is_rank_zero or not path or (not force and time.monotonic() - self._progress_at < 1.0):
+            return
+        self._progress_at = time.monotonic()
+        record = {"step": self.step, "steps": self.tc.steps, "loss": loss,
+                  "eval_loss": self.last_eval.get("eval_loss_mean"), **self._throughput()}
+        tmp = Path(f"{path}.tmp")
+        try:  # a display aid: never a reason to stop training
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, path)  # a reader sees the whole record or the previous one
+        except OSError:
+            pass
 
     def _micro_batches(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """This step's draws, per micro-step: (task ids, example indices) of all ranks, and this rank's positions.
