@@ -110,7 +110,11 @@ def test_run_directory_follows_the_contract(run_dir):
     for name in ("reverse_a", "reverse_b", "copy", "sort"):
         t = signal["tasks"][name]
         assert t["learned"] and t["gain"] >= 0.10 and t["gain_low"] > 0, (name, t)
-    assert signal["affinity"]["snr"] >= 2 and signal["tasks"]["reverse_a"]["nearest"] == "reverse_b"
+    assert signal["affinity"]["snr"] >= 2
+    # Which task is nearest is reported, not promised: near-duplicates under different templates are not
+    # reliably each other's nearest (benchmarks/quality.py measures how often they are).
+    for name, t in signal["tasks"].items():
+        assert t["nearest"] in names and t["nearest"] != name and 0 <= t["nearest_stability"] <= 1, (name, t)
     info = {n: signal["tasks"][n]["information_gain_low"] for n in ("noise_a", "reverse_a")}
     assert info["noise_a"] <= 0 < info["reverse_a"], info
 
