@@ -45,17 +45,17 @@ def bench_scoring(cfg, lines: list[str]) -> None:
     import torch
 
     from taskpgm_ray.distributed.estimation import EstimationActor, make_shards, resolve_proxies, scoring_settings
-    from taskpgm_ray.models import collate, encode_example
+    from taskpgm_ray.models import collate, encode_example, ensure_proxy_tokenizer
     from taskpgm_ray.tasks import load_tasks
 
     tasks = load_tasks(cfg)
+    tok_path = str(ensure_proxy_tokenizer(cfg, Path(cfg.output_dir)).resolve())
     proxies = resolve_proxies(cfg, tasks)[:2]
     shards = make_shards(tasks, cfg.estimation.shard_size, scoring_settings(cfg))
     for top_k in (0, cfg.estimation.jsd_top_k):
-        actor = EstimationActor(dataclasses.asdict(cfg.model), f"{cfg.output_dir}/tokenizer", proxies,
+        actor = EstimationActor(dataclasses.asdict(cfg.proxy), tok_path, proxies,
                                 cfg.estimation.batch_size, top_k, num_threads=1)
         actor.load()
-        net = actor._select(proxies[0].hash)
         batches = []
         for s in shards:
             enc = [encode_example(actor._tok, p, r, cfg.model.max_length) for p, r in s.pairs]
@@ -63,7 +63,7 @@ def bench_scoring(cfg, lines: list[str]) -> None:
                         for i in range(0, len(enc), cfg.estimation.batch_size)]
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         best = {"raw": float("inf"), "score": float("inf")}
-        with torch.inference_mode():
+        with torch.inference_mode(), actor._model(proxies[0].hash) as net:
             for _ in range(3):  # interleaved repeats, best of 3: robust to other load on the machine
                 t = time.perf_counter()
                 for b in batches:
@@ -71,7 +71,7 @@ def bench_scoring(cfg, lines: list[str]) -> None:
                 best["raw"] = min(best["raw"], time.perf_counter() - t)
                 t = time.perf_counter()
                 for b in batches:
-                    actor._score_batch(net, b)
+                    actor._score_batch(net, b, keep_topk=bool(top_k))
                 best["score"] = min(best["score"], time.perf_counter() - t)
         what = f"loglik + top-{top_k}" if top_k else "loglik only"
         lines.append(f"scoring ({what}, all tokens): {tokens / best['score']:,.0f} tok/s vs raw forward "
