@@ -45,7 +45,13 @@ def test_tasks_list_test_mode(tmp_path, capsys):
 
 
 def test_config_and_test_mode_together_is_an_error(tmp_path, capsys):
-    assert main(["tasks", "list", "x.yaml", "--test-mode"]) == 2
+    cfg = _two_tasks(tmp_path)  # a config that exists and loads: only the combination is wrong
+    assert main(["tasks", "list", str(cfg), "--test-mode"]) == 2
+    err = capsys.readouterr().err
+    assert "Error: give CONFIG or --test-mode, not both" in err and "not found" not in err
+    # a missing config file is another bad input, with its own message
+    assert main(["tasks", "list", str(tmp_path / "x.yaml")]) == 2
+    assert capsys.readouterr().err == f"taskpgm: error: config file not found: {tmp_path / 'x.yaml'}\n"
 
 
 def _likelihoods(path):

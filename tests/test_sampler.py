@@ -85,13 +85,26 @@ def test_repetition_cap_removes_a_task_and_renormalises():
     assert 1 in removed and len(s.events) == len(removed) and "reached the repetition cap" in s.events[0]
     for t in range(4):
         assert counts[t] == 2 * SIZES[t] if t in removed else counts[t] < 2 * SIZES[t]
-    # once b is removed, the remaining tasks share its probability in their original proportions
     after = tasks[np.flatnonzero(tasks == 1)[-1] + 1:]
-    assert not np.any(after == 1) and np.any(after == 2)
+    assert not np.any(after == 1) and np.any(after == 2)  # b is never drawn again
     with pytest.raises(SamplerExhausted, match="repetition cap"):
         make(repetition_cap=1.0).draw(sum(SIZES) + 1)
     t, _ = make(repetition_cap=1.0).draw(sum(SIZES))  # exactly one epoch of everything fits
     assert np.bincount(t, minlength=4).tolist() == SIZES
+
+
+def test_after_a_cap_removal_the_rest_keep_their_original_proportions():
+    # x reaches its cap (5 draws) within the first few dozen draws; y and z (10^4 examples each) never do
+    s = MixtureSampler(["x", "y", "z"], [5, 10_000, 10_000], [0.5, 0.3, 0.2], seed=2, repetition_cap=1.0)
+    tasks, _ = s.draw(6000)
+    assert s.removed_tasks() == ["x"]
+    after = tasks[np.flatnonzero(tasks == 0)[-1] + 1:]
+    observed = np.bincount(after, minlength=3)
+    assert observed[0] == 0 and len(after) > 5000
+    p_value = stats.chisquare(observed[1:], np.array([0.6, 0.4]) * len(after)).pvalue  # 0.3 : 0.2, renormalised
+    assert p_value > 1e-3, (observed, p_value)
+    # the test can fail: x's mass given to y alone (0.8 : 0.2) is rejected by the same statistic
+    assert stats.chisquare(observed[1:], np.array([0.8, 0.2]) * len(after)).pvalue < 1e-3
 
 
 def test_state_round_trip_continues_exactly():
