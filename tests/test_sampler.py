@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from taskpgm_ray.train.sampler import BLOCK, MixtureSampler, SamplerExhausted, UniformSampler, draw_probabilities
+from taskpgm_ray.train.sampler import BLOCK, MixtureSampler, SamplerExhausted, draw_probabilities
 
 NAMES = ["a", "b", "c", "d"]
 SIZES = [50, 7, 300, 20]
@@ -118,12 +118,6 @@ def test_state_round_trip_continues_exactly():
         assert head + pairs(*resumed.draw(n_tail)) == full
     with pytest.raises(ValueError, match="different mixture"):
         make(seed=9).load_state_dict(state)
-
-
-def test_uniform_sampler_is_an_epoch_over_everything():
-    s = UniformSampler(NAMES, SIZES, seed=0)
-    tasks, examples = s.draw(sum(SIZES))
-    assert sorted(pairs(tasks, examples)) == [(t, i) for t, n in enumerate(SIZES) for i in range(n)]
 
 
 def test_zero_weight_tasks_are_never_drawn_and_empty_positive_tasks_are_rejected():

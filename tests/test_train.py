@@ -1,9 +1,14 @@
 """Stage 6: bad input (fast, no Ray), then real Ray Train + DeepSpeed on CPU with 2 workers and the tiny model.
 
-The Ray runs share one local cluster. Both are interrupted and must still train on exactly the uninterrupted
-sample stream (computed straight from the sampler), step by step and rank by rank, as their audit logs show:
-ZeRO-2 stopped after 4 steps and re-run to 8 in the same run directory, and ZeRO-3 with a worker failure
-injected after step 6 (recovered from the step-4 checkpoint through FailureConfig).
+The Ray runs share one local cluster. Every interrupted run must train on exactly the uninterrupted sample stream
+(computed straight from the sampler), step by step and rank by rank, as its audit logs show:
+
+* ZeRO-2, 8 steps, killed by a failure after step 6 (no retries), then re-run in the same run directory: it resumes
+  from the step-4 checkpoint, and its final model weights and optimizer state equal those of an uninterrupted
+  8-step ZeRO-2 run;
+* ZeRO-3 with a worker failure after step 6, recovered from the step-4 checkpoint through FailureConfig.
+
+Failures are injected by a recipe subclass defined here (``_failing_once``): the product loop has no test hook.
 """
 
 from __future__ import annotations
@@ -122,6 +127,26 @@ def base(tmp_path_factory):
     return cfg, load_tasks(cfg), root
 
 
+def _failing_once(after_step: int, marker: Path) -> type:
+    """The recipe, except that the last rank raises once after optimizer step ``after_step`` (before that step's
+    evaluation and checkpoint). ``marker`` remembers across worker restarts that it has fired.
+
+    A class built inside a function is pickled by value, so Ray's workers need not import this test module.
+    """
+    from taskpgm_ray.train.recipe import MixtureFinetune
+
+    class FailingOnce(MixtureFinetune):
+        def _train_step(self) -> float:
+            loss = super()._train_step()
+            if self.step + 1 == after_step and self.rank == self.world_size - 1 and not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(f"failed after step {after_step}\n")
+                raise RuntimeError(f"injected failure after step {after_step} on rank {self.rank}")
+            return loss
+
+    return FailingOnce
+
+
 def _run(base, name: str, **kw) -> tuple[dict, Path]:
     from taskpgm_ray.train import run_training
 
@@ -169,18 +194,72 @@ def _decreases(curve: list[float]) -> bool:
 
 @pytest.fixture(scope="module")
 def zero2(ray_cluster, base):
-    """ZeRO-2 stopped after 4 steps (its final checkpoint), then re-run to 8 in the same run dir: a resume."""
+    """ZeRO-2, 8 steps: killed after step 6 with no retries, then re-run unchanged in the same run dir (a resume
+    from its step-4 checkpoint); and the same run uninterrupted in another directory."""
+    from ray.train import TrainingFailedError
+
     from taskpgm_ray.config import TrackingConfig
 
-    first, run_dir = _run(base, "zero2", steps=4, train={"zero_stage": 2})
+    run_dir = base[2] / "zero2"
+    marker = run_dir / "train" / "failed-once"
+    with pytest.raises(TrainingFailedError):
+        _run(base, "zero2", train={"zero_stage": 2, "max_failures": 0}, recipe=_failing_once(6, marker))
+    assert marker.exists() and _checkpoint_steps(run_dir) == [4]  # it died between the two checkpoints
     resumed, _ = _run(base, "zero2", train={"zero_stage": 2}, tracking=TrackingConfig(wandb="offline"))
-    return first, resumed, run_dir
+    straight, straight_dir = _run(base, "zero2-uninterrupted", train={"zero_stage": 2})
+    return resumed, run_dir, straight, straight_dir
+
+
+def _checkpoint_steps(run_dir: Path) -> list[int]:
+    """Steps of the Ray checkpoints kept under ``run_dir``, ascending."""
+    from taskpgm_ray.train.recipe import STATE_FILE
+
+    files = (run_dir / "train" / "ray").glob(f"*/checkpoint_*/{STATE_FILE}")
+    return sorted(json.loads(f.read_text())["step"] for f in files)
+
+
+def _final_deepspeed_state(run_dir: Path) -> dict[str, object]:
+    """The final checkpoint's DeepSpeed files, loaded: the module's weights (``mp_rank_00_model_states.pt``,
+    with the LR scheduler and step counters) and every rank's optimizer partition (fp32 master weights, Adam's
+    moments and step)."""
+    import torch
+
+    from taskpgm_ray.train.recipe import DS_TAG, STATE_FILE
+
+    final = [f.parent for f in (run_dir / "train" / "ray").glob(f"*/checkpoint_*/{STATE_FILE}")
+             if json.loads(f.read_text())["step"] == STEPS]
+    assert len(final) == 1, final
+    files = sorted((final[0] / DS_TAG).glob("*.pt"))
+    assert {f.name for f in files} >= {"mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                       "zero_pp_rank_1_mp_rank_00_optim_states.pt"}, files
+    return {f.name: torch.load(f, map_location="cpu", weights_only=False) for f in files}
+
+
+def _differences(a: object, b: object, where: str = "") -> list[str]:
+    """Where two loaded checkpoints differ: tensors bit for bit, numbers, strings and objects' fields exactly."""
+    import torch
+
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return [f"{where}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"]
+        return [] if torch.equal(a, b) else [f"{where}: max |diff| {(a.double() - b.double()).abs().max():.3g}"]
+    if isinstance(a, dict) and isinstance(b, dict):
+        if set(a) != set(b):
+            return [f"{where}: keys {sorted(map(str, set(a) ^ set(b)))} in one only"]
+        return [d for k in a for d in _differences(a[k], b[k], f"{where}/{k}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{where}: length {len(a)} vs {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{where}[{i}]")]
+    if type(a) is type(b) and hasattr(a, "__dict__") and not isinstance(a, type):  # e.g. DeepSpeed's loss scaler
+        return _differences(vars(a), vars(b), f"{where}.{type(a).__name__}")
+    return [] if a == b else [f"{where}: {a!r} vs {b!r}"]
 
 
 @pytest.mark.ray
 def test_zero2_resumed_run_learns_and_sees_the_exact_sample_stream(base, zero2, expected):
-    first, summary, run_dir = zero2
-    assert first["steps"] == 4 and summary["steps"] == STEPS
+    summary, run_dir, _, _ = zero2
+    assert summary["steps"] == STEPS
     assert _decreases(summary["loss_curve"]), summary["loss_curve"]
     assert _audit(run_dir) == expected["ids"]  # resumed at step 4: no repeats, no gaps, ranks disjoint
     assert summary["samples_per_task"] == expected["samples_per_task"]
@@ -196,6 +275,22 @@ def test_zero2_resumed_run_learns_and_sees_the_exact_sample_stream(base, zero2, 
     for name, w in WEIGHTS.items():
         assert abs(summary["samples_per_task"][name] - w * n) <= 4 * np.sqrt(w * n) + 1, name
     assert list((run_dir / "wandb").glob("offline-run-*")), "no offline W&B run"
+
+
+@pytest.mark.ray
+def test_zero2_resume_ends_with_the_uninterrupted_runs_model_and_optimizer_state(zero2, expected):
+    """Bit for bit, no tolerance: on CPU every kernel is deterministic and the 2-rank gloo all-reduce adds in a fixed
+    order, so a resume that restores weights, Adam's moments, the LR schedule, the RNGs and the sample stream
+    reproduces the same arithmetic; any difference is a resume bug (e.g. a lost moment, an LR step off by one)."""
+    resumed, run_dir, straight, straight_dir = zero2
+    assert _audit(straight_dir) == expected["ids"]
+    a, b = _final_deepspeed_state(run_dir), _final_deepspeed_state(straight_dir)
+    model = a["mp_rank_00_model_states.pt"]
+    assert model["module"] and model["lr_scheduler"]["last_epoch"] == STEPS  # the weights and schedule are in it
+    optim = a["zero_pp_rank_0_mp_rank_00_optim_states.pt"]["optimizer_state_dict"]
+    assert optim["base_optimizer_state"], "no Adam moments in the checkpoint"
+    assert _differences(a, b) == []
+    assert resumed["loss_curve"] == straight["loss_curve"] and resumed["history"] == straight["history"]
 
 
 def _assert_reloaded_model_scores_as_reported(base, summary: dict, run_dir: Path) -> None:
@@ -216,14 +311,15 @@ def _assert_reloaded_model_scores_as_reported(base, summary: dict, run_dir: Path
 
 @pytest.mark.ray
 def test_final_model_loads_with_from_pretrained_and_scores_as_reported(base, zero2):
-    _, summary, run_dir = zero2
+    summary, run_dir, _, _ = zero2
     _assert_reloaded_model_scores_as_reported(base, summary, run_dir)
 
 
 @pytest.mark.ray
 def test_zero3_recovers_from_a_worker_failure_with_the_exact_sample_stream(ray_cluster, base, expected):
-    summary, run_dir = _run(base, "zero3-failure", train={"zero_stage": 3}, fail_at_step=6)
-    assert (run_dir / "train" / ".injected-failure").exists()  # it did fail once, after the step-4 checkpoint
+    marker = base[2] / "zero3-failure" / "train" / "failed-once"
+    summary, run_dir = _run(base, "zero3-failure", train={"zero_stage": 3}, recipe=_failing_once(6, marker))
+    assert marker.exists()  # it did fail once, after the step-4 checkpoint
     assert summary["steps"] == STEPS and _decreases(summary["loss_curve"]), summary["loss_curve"]
     assert _audit(run_dir) == expected["ids"]
     assert summary["samples_per_task"] == expected["samples_per_task"]

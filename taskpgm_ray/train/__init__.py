@@ -8,13 +8,12 @@
 """
 
 from taskpgm_ray.train.launch import build_trainer, run_training, train_command
-from taskpgm_ray.train.sampler import MixtureSampler, SamplerExhausted, UniformSampler, draw_probabilities
+from taskpgm_ray.train.sampler import MixtureSampler, SamplerExhausted, draw_probabilities
 from taskpgm_ray.train.validation import read_mixture_weights, validate_mixture
 
 __all__ = [
     "MixtureSampler",
     "SamplerExhausted",
-    "UniformSampler",
     "build_trainer",
     "draw_probabilities",
     "read_mixture_weights",

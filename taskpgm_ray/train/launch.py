@@ -24,15 +24,15 @@ if TYPE_CHECKING:
     from ray.train.torch import TorchTrainer
 
     from taskpgm_ray.tasks import TaskData
+    from taskpgm_ray.train.recipe import MixtureFinetune
 
-FAILURE_MARKER = ".injected-failure"  # under <run_dir>/train: the test hook fires once per run directory
 PROGRESS_FILE = "progress.json"  # under <run_dir>/train: rank 0's step, loss, eval loss, tokens/s (the live line)
 
 
 def build_trainer(cfg: Config, tasks: list[TaskData], weights: Mapping[str, float], *, run_dir: str | os.PathLike,
                   name: str = "train", steps: int | None = None, num_workers: int | None = None,
-                  callbacks: Sequence[Any] = (), eval_split: str = "eval", sampler: str = "mixture",
-                  fail_at_step: int | None = None) -> TorchTrainer:
+                  callbacks: Sequence[Any] = (), eval_split: str = "eval",
+                  recipe: type[MixtureFinetune] | None = None) -> TorchTrainer:
     """A Ray Train ``TorchTrainer`` that fine-tunes ``cfg.model`` on the mixture ``weights``.
 
     Args:
@@ -45,8 +45,8 @@ def build_trainer(cfg: Config, tasks: list[TaskData], weights: Mapping[str, floa
         callbacks: Ray Train callbacks, e.g. ``[ray.tune.integration.ray_train.TuneReportCallback()]``.
         eval_split: ``"eval"``, ``"probe"`` or ``"test"`` (the held-out split evaluated and reported; ``test`` is
             for `taskpgm compare`, which no selection sees).
-        sampler: ``"mixture"``, or ``"uniform"`` (every example equally likely; a benchmark baseline).
-        fail_at_step: test hook: the last rank raises once after this step (recovery through FailureConfig).
+        recipe: the per-worker recipe class, ``MixtureFinetune`` by default; a test passes a subclass that fails
+            once mid-run (recovery through FailureConfig), a benchmark one with another sampler.
 
     Raises:
         ValueError: a bad mixture or train config (one line, naming the task or field), before any worker starts.
@@ -62,8 +62,6 @@ def build_trainer(cfg: Config, tasks: list[TaskData], weights: Mapping[str, floa
 
     if eval_split not in ("eval", "probe", "test"):
         raise ValueError(f"eval_split: must be 'eval', 'probe' or 'test', got {eval_split!r}")
-    if sampler not in ("mixture", "uniform"):
-        raise ValueError(f"sampler: must be 'mixture' or 'uniform', got {sampler!r}")
     tc = dataclasses.replace(cfg.train, steps=steps or cfg.train.steps,
                              num_workers=num_workers or cfg.train.num_workers)
     cfg = dataclasses.replace(cfg, train=tc)
@@ -83,9 +81,7 @@ def build_trainer(cfg: Config, tasks: list[TaskData], weights: Mapping[str, floa
         "scored": [getattr(t, "score", True) for t in tasks],
         "eval_split": eval_split,
         "run_dir": str(run_dir),
-        "sampler": sampler,
-        "fail_at_step": fail_at_step,
-        "fail_marker": str(run_dir / "train" / FAILURE_MARKER),
+        "recipe": recipe,  # None: MixtureFinetune
         "progress_path": str(run_dir / "train" / PROGRESS_FILE),
     }
     return TorchTrainer(

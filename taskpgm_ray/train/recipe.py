@@ -36,7 +36,7 @@ from taskpgm_ray.models import (
     load_tokenizer,
 )
 from taskpgm_ray.train.deepspeed_config import lr_multiplier, with_precision
-from taskpgm_ray.train.sampler import MixtureSampler, UniformSampler
+from taskpgm_ray.train.sampler import MixtureSampler
 
 DS_TAG = "deepspeed"          # DeepSpeed's checkpoint tag inside a Ray checkpoint directory
 STATE_FILE = "train_state.json"  # step, sampler state, counters, history (written by rank 0)
@@ -45,8 +45,13 @@ MAX_NEW_TOKENS = 32           # cap on greedy decoding for exact match: answers 
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
-    """The Ray Train entry point; rank 0 returns the run summary (``Result.return_value``)."""
-    recipe = MixtureFinetune(config)
+    """The Ray Train entry point; rank 0 returns the run summary (``Result.return_value``).
+
+    ``config["recipe"]`` is the recipe class, :class:`MixtureFinetune` unless a test or benchmark passes a
+    subclass to ``build_trainer`` (a failure injected after some step, another sampler): the product loop
+    itself has no test or baseline branches.
+    """
+    recipe = (config.get("recipe") or MixtureFinetune)(config)
     try:
         recipe.setup()
         return recipe.train()
@@ -114,12 +119,10 @@ class MixtureFinetune:
 
     def _setup_sampler(self) -> None:
         sizes = [len(enc) for enc in self.train_encoded]
-        if self.config.get("sampler", "mixture") == "uniform":  # the benchmark's unweighted baseline
-            self.sampler = UniformSampler(self.task_names, sizes, seed=self.tc.seed)
-        else:
-            self.sampler = MixtureSampler(self.task_names, sizes, self.config["weights"], seed=self.tc.seed,
-                                          unit=self.tc.weight_unit, mean_tokens=self.mean_tokens,
-                                          repetition_cap=self.tc.repetition_cap)
+        # Baselines (uniform, size, temperature) are weights like any other: one sampler for every mixture.
+        self.sampler = MixtureSampler(self.task_names, sizes, self.config["weights"], seed=self.tc.seed,
+                                      unit=self.tc.weight_unit, mean_tokens=self.mean_tokens,
+                                      repetition_cap=self.tc.repetition_cap)
         self.global_micro_batch = self.tc.micro_batch_size * self.world_size
         if self.is_rank_zero:
             print(self.sampler.describe(), flush=True)
@@ -213,7 +216,6 @@ class MixtureFinetune:
             self.train_seconds += time.perf_counter() - t0
             self.step += 1
             self.loss_curve.append(loss)
-            self._maybe_inject_failure()
 
             # Log, evaluate, checkpoint.
             lr = self.engine.get_lr()[0]
@@ -289,16 +291,6 @@ class MixtureFinetune:
         order = np.argsort(self.flat_lengths[self.task_offsets[tasks] + examples], kind="stable")
         mine = np.arange(self.rank * self.tc.micro_batch_size, (self.rank + 1) * self.tc.micro_batch_size)
         return [(tasks[order[a * n: (a + 1) * n]], examples[order[a * n: (a + 1) * n]], mine) for a in range(accum)]
-
-    def _maybe_inject_failure(self) -> None:
-        """Test hook: raise once (a marker file remembers) on the last rank after step ``fail_at_step``."""
-        fail_at, marker = self.config.get("fail_at_step"), self.config.get("fail_marker")
-        if fail_at is None or self.step != fail_at or self.rank != self.world_size - 1:
-            return
-        if marker and not Path(marker).exists():
-            Path(marker).parent.mkdir(parents=True, exist_ok=True)
-            Path(marker).write_text(f"failed at step {self.step}\n")
-            raise RuntimeError(f"injected failure at step {self.step} on rank {self.rank}")
 
     def _throughput(self, prefix: str = "") -> dict[str, float]:
         secs = max(self.train_seconds, 1e-9)

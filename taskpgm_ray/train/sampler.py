@@ -249,33 +249,3 @@ class MixtureSampler:
         self._drawn = np.asarray(state["drawn"], dtype=np.int64)
         self._block_cache = None
 
-
-class UniformSampler(MixtureSampler):
-    """The unweighted baseline: every training example of every task equally likely (pooled epochs).
-
-    Same interface and global-stream semantics as :class:`MixtureSampler`; used by the benchmark.
-    """
-
-    def __init__(self, names: Sequence[str], sizes: Sequence[int], *, seed: int):
-        sizes = np.asarray(sizes, dtype=np.int64)
-        super().__init__(names, sizes, sizes / max(1, sizes.sum()), seed=seed)
-        self._offsets = np.concatenate([[0], np.cumsum(sizes)])
-        self._pool_epoch = -1
-        self._pool_perm = np.zeros(0, dtype=np.int64)
-
-    def draw(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        total = int(self._offsets[-1])
-        out = np.empty(n, dtype=np.int64)
-        filled = 0
-        while filled < n:
-            epoch, pos = divmod(self._draws, total)
-            if epoch != self._pool_epoch:
-                self._pool_perm = np.random.default_rng([self.seed, epoch, 0xA11]).permutation(total)
-                self._pool_epoch = epoch
-            m = min(n - filled, total - pos)
-            out[filled: filled + m] = self._pool_perm[pos: pos + m]
-            filled += m
-            self._draws += m
-        tasks = np.searchsorted(self._offsets, out, side="right") - 1
-        self._drawn += np.bincount(tasks, minlength=len(self.names))
-        return tasks, out - self._offsets[tasks]
