@@ -16,8 +16,9 @@ from pathlib import Path
 
 import click
 
-from taskpgm_ray.config import Config, ConfigError, EnergyConfig, load_config
+from taskpgm_ray.config import Config, EnergyConfig, load_config
 from taskpgm_ray.console import NORMAL, QUIET, VERBOSE, RunConsole, StageProgress
+from taskpgm_ray.errors import BadInput
 
 EXIT_BAD_INPUT = 2
 _ENERGY = EnergyConfig()  # the config's energy defaults are also the `solve` command's
@@ -319,7 +320,7 @@ def solve(lik_path: str, out: str, affinity: str, jsd_path: str | None, kernel: 
     from taskpgm_ray.mixture_file import load_information_gain, load_likelihoods, read_npz, write_mixture
 
     if not beta >= 0:  # E(p) = (lam/2) p^T S p - beta u^T p: beta < 0 rewards leaving out the tasks u favours
-        raise ValueError(f"--beta must be >= 0, got {beta:g} (a negative beta turns the unary term upside down)")
+        raise BadInput(f"--beta must be >= 0, got {beta:g} (a negative beta turns the unary term upside down)")
     energy = {"affinity": affinity, "kernel": kernel, "tau": tau, "unary": unary, "normalize": normalize,
               "prior": prior, "prior_temperature": prior_temperature, "prior_strength": prior_strength, "floor": floor,
               "beta": beta, "lam": lam, "method": method, "budget": budget, "min_weight": min_weight,
@@ -329,7 +330,7 @@ def solve(lik_path: str, out: str, affinity: str, jsd_path: str | None, kernel: 
                                 "estimation": {"jsd": True}}).energy
     tasks, loglik_sum, count, sizes = load_likelihoods(lik_path)
     if budget is not None and budget > len(tasks):
-        raise ValueError(f"--budget must be at most the number of tasks ({len(tasks)} in {lik_path}), got {budget}")
+        raise BadInput(f"--budget must be at most the number of tasks ({len(tasks)} in {lik_path}), got {budget}")
     jsd_sum = jsd_count = None
     if affinity == "jsd":
         jsd_path = jsd_path or str(Path(lik_path).with_name("jsd.npz"))
@@ -337,16 +338,16 @@ def solve(lik_path: str, out: str, affinity: str, jsd_path: str | None, kernel: 
             raise click.UsageError(f"--affinity jsd needs {jsd_path} (or --jsd PATH)")
         f = read_npz(jsd_path)
         if any(k not in f for k in ("tasks", "jsd_sum", "token_count")):
-            raise ValueError(f"{jsd_path}: needs arrays tasks, jsd_sum and token_count (as `taskpgm estimate` writes)")
+            raise BadInput(f"{jsd_path}: needs arrays tasks, jsd_sum and token_count (as `taskpgm estimate` writes)")
         if [str(t) for t in f["tasks"]] != list(tasks):
-            raise ValueError(f"{jsd_path}: tasks differ from {lik_path}")
+            raise BadInput(f"{jsd_path}: tasks differ from {lik_path}")
         jsd_sum, jsd_count = f["jsd_sum"], f["token_count"]
     information = load_information_gain(lik_path)
     if unary == "information" and information is None:
-        raise ValueError(f"{lik_path}: --unary information needs the signal arrays that `taskpgm estimate` writes "
+        raise BadInput(f"{lik_path}: --unary information needs the signal arrays that `taskpgm estimate` writes "
                          f"(base_loglik_sum, information_sum, ...); use --unary representativeness for this file")
     if prior in ("size", "temperature") and sizes is None:
-        raise ValueError(f"{lik_path}: --prior {prior} needs the 'sizes' array; use --prior uniform or none")
+        raise BadInput(f"{lik_path}: --prior {prior} needs the 'sizes' array; use --prior uniform or none")
     weights, sol, _ = solve_from_sums(loglik_sum, count, jsd_sum, jsd_count, checked, information=information,
                                       sizes=sizes)
     hyper = {k: v for k, v in dataclasses.asdict(checked).items() if k != "affinity"}
@@ -391,7 +392,7 @@ def export(mixture_path: str, to: str, names_path: str | None, num_samples: int 
         return
     if len(result.files) > 1 or Path(out).is_dir():  # a directory: each file under its own name
         if Path(out).exists() and not Path(out).is_dir():
-            raise ValueError(f"--out {out}: --to {to} writes {' and '.join(result.files)}, so --out must be a "
+            raise BadInput(f"--out {out}: --to {to} writes {' and '.join(result.files)}, so --out must be a "
                              f"directory")
         targets = {Path(out) / name: text for name, text in result.files.items()}
     else:
@@ -446,12 +447,10 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; bad input is one line on stderr and exit code 2, never a traceback (unless --debug).
-
-    Any other failure also prints the last lines of the failed stage's log and its path.
+    """Run the CLI; bad input (:class:`BadInput`) is one line on stderr and exit code 2, never a traceback (unless
+    --debug). Any other failure, a ``KeyError`` or ``ValueError`` from inside included, is exit 1 naming its type,
+    after the last lines of the failed stage's log (with the traceback) and its path.
     """
-    from taskpgm_ray.tasks import TaskError
-
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or os.environ.get("TASKPGM_DEBUG") == "1"
     ui = RunConsole()  # the commands set its verbosity; errors below go out after it gives stdout/stderr back
@@ -470,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         exc.show()
         return exc.exit_code
-    except (ConfigError, TaskError, ValueError, FileNotFoundError, KeyError) as exc:
+    except BadInput as exc:  # ours alone: ConfigError, TaskError, SpecError, a bad file, flag or mixture
         ui.close()
         if debug:
             raise

@@ -29,6 +29,7 @@ import numpy as np
 
 from taskpgm_ray.config import Config
 from taskpgm_ray.console import StageProgress
+from taskpgm_ray.errors import BadInput
 from taskpgm_ray.io import atomic_write_json, atomic_write_text
 from taskpgm_ray.tasks import TaskData
 
@@ -64,8 +65,8 @@ def run_mixtures(cfg: Config, tasks: list[TaskData], extra: list[str | Path] = (
         mixtures["taskpgm"] = {"weights": m["weights"], "source": "estimate/mixture.json",
                                "hyperparameters": m.get("hyperparameters")}
     else:
-        raise FileNotFoundError(f"{out_dir}: no TaskPGM mixture (neither tune/results.json nor "
-                                f"estimate/mixture.json); run `taskpgm run` (or `taskpgm estimate`) first")
+        raise BadInput(f"{out_dir}: no TaskPGM mixture (neither tune/results.json nor "
+                       f"estimate/mixture.json); run `taskpgm run` (or `taskpgm estimate`) first")
 
     for kind in ("uniform", "size"):
         mixtures[kind] = {"weights": dict(zip(names, map(float, baseline_weights(kind, sizes)))), "source": kind}

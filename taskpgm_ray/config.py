@@ -18,12 +18,14 @@ from typing import Any, Literal
 
 import yaml
 
+from taskpgm_ray.errors import BadInput
+
 SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TEST_CONFIG = SHIPPED_CONFIGS / "test.yaml"
 BUILTIN_MODEL_NAMES = ("synthetic-base",)  # shipped with the package: taskpgm_ray.models.BUILTIN_MODELS
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInput):
     """One or more configuration problems; ``problems`` lists them as ``field.path: message``."""
 
     def __init__(self, problems: list[str], source: str | None = None):

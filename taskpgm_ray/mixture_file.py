@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from taskpgm_ray.errors import BadInput
 from taskpgm_ray.io import atomic_savez, atomic_write_text
 
 FORMAT = "taskpgm-mixture/1"
@@ -33,17 +34,17 @@ OPTIONAL_FIELDS = ("method", "affinity", "hyperparameters", "energy", "kkt_resid
 
 def _check_weights(weights: dict, where: str) -> dict[str, float]:
     if not isinstance(weights, dict) or not weights:
-        raise ValueError(f"{where}: 'weights' must be a non-empty object {{task: weight}}")
+        raise BadInput(f"{where}: 'weights' must be a non-empty object {{task: weight}}")
     out = {}
     for task, w in weights.items():
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-            raise ValueError(f"{where}: weights[{task!r}] must be a finite number, got {w!r}")
+            raise BadInput(f"{where}: weights[{task!r}] must be a finite number, got {w!r}")
         if w < 0:
-            raise ValueError(f"{where}: weights[{task!r}] is negative ({w})")
+            raise BadInput(f"{where}: weights[{task!r}] is negative ({w})")
         out[str(task)] = float(w)
     total = sum(out.values())
     if abs(total - 1.0) > 1e-6:
-        raise ValueError(f"{where}: weights sum to {total:.9g}, not 1 (tolerance 1e-6)")
+        raise BadInput(f"{where}: weights sum to {total:.9g}, not 1 (tolerance 1e-6)")
     return out
 
 
@@ -104,29 +105,29 @@ def read_mixture(path: str) -> dict:
         with open(path) as f:
             doc = json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise BadInput(f"{path}: not valid JSON ({e})") from None
     except UnicodeDecodeError:
-        raise ValueError(f"{path}: not a text file (expected a JSON mixture)") from None
+        raise BadInput(f"{path}: not a text file (expected a JSON mixture)") from None
     if not isinstance(doc, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+        raise BadInput(f"{path}: expected a JSON object")
     if doc.get("format") != FORMAT:
-        raise ValueError(f"{path}: field 'format' must be {FORMAT!r}, got {doc.get('format')!r}")
+        raise BadInput(f"{path}: field 'format' must be {FORMAT!r}, got {doc.get('format')!r}")
     if "weights" not in doc:
-        raise ValueError(f"{path}: missing field 'weights' (an object {{task: weight}} summing to 1)")
+        raise BadInput(f"{path}: missing field 'weights' (an object {{task: weight}} summing to 1)")
     doc["weights"] = _check_weights(doc["weights"], path)
     for key in OPTIONAL_FIELDS:
         doc.setdefault(key, None)
     doc.setdefault("weight_unit", "examples")
     if doc["weight_unit"] not in WEIGHT_UNITS:
-        raise ValueError(f"{path}: field 'weight_unit' must be one of {WEIGHT_UNITS}, got {doc['weight_unit']!r}")
+        raise BadInput(f"{path}: field 'weight_unit' must be one of {WEIGHT_UNITS}, got {doc['weight_unit']!r}")
     if doc["method"] is not None and doc["method"] not in METHODS:
-        raise ValueError(f"{path}: field 'method' must be one of {METHODS} or null, got {doc['method']!r}")
+        raise BadInput(f"{path}: field 'method' must be one of {METHODS} or null, got {doc['method']!r}")
     if doc["affinity"] not in AFFINITIES:
-        raise ValueError(f"{path}: field 'affinity' must be one of {AFFINITIES}, got {doc['affinity']!r}")
+        raise BadInput(f"{path}: field 'affinity' must be one of {AFFINITIES}, got {doc['affinity']!r}")
     sizes = doc["sizes"]
     if sizes is not None and (not isinstance(sizes, dict) or not all(
             isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in sizes.values())):
-        raise ValueError(f"{path}: field 'sizes' must be an object {{task: training examples}} of whole "
+        raise BadInput(f"{path}: field 'sizes' must be an object {{task: training examples}} of whole "
                          f"numbers >= 0, or null")
     return doc
 
@@ -170,7 +171,7 @@ def load_information_gain(path: str) -> np.ndarray | None:
 
 
 def read_npz(path: str) -> dict[str, np.ndarray]:
-    """Every array of an ``.npz`` file, read without unpickling anything; a ValueError names the file otherwise.
+    """Every array of an ``.npz`` file, read without unpickling anything; a BadInput names the file otherwise.
 
     numpy's own errors for a wrong file suggest ``allow_pickle=True``, which would run code from the file;
     these say what the file should be instead.
@@ -179,19 +180,19 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
     try:
         z = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile):
-        raise ValueError(what) from None
+        raise BadInput(what) from None
     if not isinstance(z, np.lib.npyio.NpzFile):
-        raise ValueError(f"{what}; it holds a single .npy array")
+        raise BadInput(f"{what}; it holds a single .npy array")
     arrays = {}
     with z:
         for key in z.files:
             try:
                 a = z[key]
             except ValueError:
-                raise ValueError(f"{path}: array {key!r} holds Python objects (pickled data), which are never "
+                raise BadInput(f"{path}: array {key!r} holds Python objects (pickled data), which are never "
                                  f"loaded; save names as strings and numbers as numbers") from None
             if not isinstance(a, np.ndarray):
-                raise ValueError(f"{path}: member {key!r} is not a .npy array ({what.split(': ', 1)[1]})")
+                raise BadInput(f"{path}: member {key!r} is not a .npy array ({what.split(': ', 1)[1]})")
             arrays[key] = a
     return arrays
 
@@ -212,35 +213,35 @@ def load_likelihoods(path: str):
 def _validate_likelihoods(path: str, a: dict) -> None:
     for key in ("tasks", "loglik_sum", "count"):
         if key not in a:
-            raise ValueError(f"{path}: missing array {key!r} (need tasks, loglik_sum, count; optional sizes)")
+            raise BadInput(f"{path}: missing array {key!r} (need tasks, loglik_sum, count; optional sizes)")
     tasks = [str(t) for t in a["tasks"]]
     n = len(tasks)
     if a["tasks"].ndim != 1 or n == 0:
-        raise ValueError(
+        raise BadInput(
             f"{path}: 'tasks' must be a non-empty 1-d array of names, got shape {a['tasks'].shape}"
         )
     if len(set(tasks)) != n:
-        raise ValueError(f"{path}: 'tasks' has duplicate names")
+        raise BadInput(f"{path}: 'tasks' has duplicate names")
     if a["loglik_sum"].shape != (n, n):
-        raise ValueError(
+        raise BadInput(
             f"{path}: 'loglik_sum' must have shape ({n}, {n}) for {n} tasks, got {a['loglik_sum'].shape}"
         )
     for key in ("count", "sizes", *SIGNAL_ARRAYS):
         if key in a and a[key].shape != (n,):
-            raise ValueError(f"{path}: '{key}' must have shape ({n},), got {a[key].shape}")
+            raise BadInput(f"{path}: '{key}' must have shape ({n},), got {a[key].shape}")
     bad = np.flatnonzero(~(a["count"] > 0))
     if bad.size:
-        raise ValueError(
+        raise BadInput(
             f"{path}: count for task {tasks[bad[0]]!r} is {a['count'][bad[0]]}; need > 0 probe examples"
         )
     if "sizes" in a:
         bad = np.flatnonzero(~(a["sizes"] > 0))
         if bad.size:
-            raise ValueError(f"{path}: sizes for task {tasks[bad[0]]!r} is {a['sizes'][bad[0]]}; need > 0")
+            raise BadInput(f"{path}: sizes for task {tasks[bad[0]]!r} is {a['sizes'][bad[0]]}; need > 0")
     nonfinite = np.argwhere(~np.isfinite(a["loglik_sum"]))
     if nonfinite.size:
         i, j = nonfinite[0]
-        raise ValueError(
+        raise BadInput(
             f"{path}: loglik_sum[{i}, {j}] (proxy {tasks[i]!r} on task {tasks[j]!r}) is not finite"
         )
 
@@ -293,10 +294,10 @@ def read_names(path: str) -> dict[str, str | dict]:
     """The ``--names`` file: a YAML or JSON mapping task -> the dataset the target tool knows."""
     doc = _read_yaml(path)
     if not isinstance(doc, dict) or not doc:
-        raise ValueError(f"{path}: expected a mapping `task: dataset` (YAML or JSON)")
+        raise BadInput(f"{path}: expected a mapping `task: dataset` (YAML or JSON)")
     for task, v in doc.items():
         if not isinstance(v, (str, dict)) or not v:
-            raise ValueError(f"{path}: {task!r} must map to a dataset name or path (or, for llamafactory and "
+            raise BadInput(f"{path}: {task!r} must map to a dataset name or path (or, for llamafactory and "
                              f"axolotl, a mapping of that tool's dataset keys), got {v!r}")
     return {str(k): v for k, v in doc.items()}
 
@@ -308,12 +309,12 @@ def read_mean_tokens(path: str) -> dict[str, float]:
         tokens, samples = doc["tokens_per_task"] or {}, doc["samples_per_task"] or {}
         doc = {t: tokens[t] / samples[t] for t in tokens if samples.get(t)}
     if not isinstance(doc, dict) or not doc:
-        raise ValueError(f"{path}: expected a mapping `task: mean tokens per example` or a train/summary.json "
+        raise BadInput(f"{path}: expected a mapping `task: mean tokens per example` or a train/summary.json "
                          f"with tokens_per_task and samples_per_task")
     out = {}
     for task, v in doc.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise ValueError(f"{path}: mean tokens for task {task!r} must be a number > 0, got {v!r}")
+            raise BadInput(f"{path}: mean tokens for task {task!r} must be a number > 0, got {v!r}")
         out[str(task)] = float(v)
     return out
 
@@ -325,7 +326,7 @@ def _read_yaml(path: str):
         with open(path) as f:
             return yaml.safe_load(f)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid YAML or JSON ({' '.join(str(e).split())})") from None
+        raise BadInput(f"{path}: not valid YAML or JSON ({' '.join(str(e).split())})") from None
 
 
 def export_mixture(mixture: dict, to: str, **options: Any) -> str:
@@ -359,17 +360,17 @@ def build_export(
         ValueError: naming the option or task at fault, and what to give instead.
     """
     if to not in EXPORTS:
-        raise ValueError(f"unknown export format {to!r}; choose one of {', '.join(EXPORTS)}")
+        raise BadInput(f"unknown export format {to!r}; choose one of {', '.join(EXPORTS)}")
     weights = _check_weights(mixture.get("weights"), "mixture")
     unit = mixture.get("weight_unit") or "examples"
     if unit not in WEIGHT_UNITS:
-        raise ValueError(f"mixture: weight_unit must be one of {WEIGHT_UNITS}, got {unit!r}")
+        raise BadInput(f"mixture: weight_unit must be one of {WEIGHT_UNITS}, got {unit!r}")
     if num_samples is not None and to not in ("llamafactory", "axolotl"):
-        raise ValueError(f"--num-samples applies to --to llamafactory and axolotl, not {to} (hf and megatron "
+        raise BadInput(f"--num-samples applies to --to llamafactory and axolotl, not {to} (hf and megatron "
                          f"sample by probability: set the training length in the trainer)")
     if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
                                     or num_samples < 1):
-        raise ValueError(f"--num-samples must be a whole number >= 1, got {num_samples!r}")
+        raise BadInput(f"--num-samples must be a whole number >= 1, got {num_samples!r}")
     tool_names = _tool_names(names, weights, to)
     notes = []
     zero = [t for t, w in weights.items() if w == 0]
@@ -408,19 +409,19 @@ def _tool_names(names: dict | None, weights: dict[str, float], to: str) -> dict[
     names = dict(names or {})
     unknown = [t for t in names if t not in weights]
     if unknown:
-        raise ValueError(f"--names: task(s) {', '.join(map(repr, unknown))} not in the mixture "
+        raise BadInput(f"--names: task(s) {', '.join(map(repr, unknown))} not in the mixture "
                          f"(its tasks: {', '.join(weights)})")
     out, seen = {}, {}
     for task in weights:
         v = names.get(task, task)
         if isinstance(v, dict) and to not in ("llamafactory", "axolotl"):
-            raise ValueError(f"--names: {task!r} maps to a mapping, but --to {to} needs a string "
+            raise BadInput(f"--names: {task!r} maps to a mapping, but --to {to} needs a string "
                              f"({'a data prefix' if to == 'megatron' else 'a load_dataset path or folder'})")
         if not isinstance(v, (str, dict)) or not v:
-            raise ValueError(f"--names: {task!r} must map to a non-empty string, got {v!r}")
+            raise BadInput(f"--names: {task!r} must map to a non-empty string, got {v!r}")
         key = json.dumps(v, sort_keys=True)
         if weights[task] > 0 and key in seen:
-            raise ValueError(f"--names: tasks {seen[key]!r} and {task!r} both map to {v!r}; "
+            raise BadInput(f"--names: tasks {seen[key]!r} and {task!r} both map to {v!r}; "
                              f"each task needs its own dataset")
         if weights[task] > 0:
             seen[key] = task
@@ -438,7 +439,7 @@ def _shares(kept: dict[str, float], unit: str, counts: str, mean_tokens: dict | 
     missing = [t for t in kept if not (isinstance(mean_tokens.get(t), (int, float)) and mean_tokens[t] > 0)]
     if missing:
         does = "blends token sequences" if counts == "tokens" else "samples examples"
-        raise ValueError(f"{to} {does}, but this mixture's weights count {unit} (weight_unit: {unit}); give "
+        raise BadInput(f"{to} {does}, but this mixture's weights count {unit} (weight_unit: {unit}); give "
                          f"--mean-tokens FILE (task: mean tokens per example, or a run's train/summary.json) "
                          f"to convert; missing for {', '.join(missing)}")
     # A share of examples w_i draws w_i * m_i tokens; a share of tokens w_i needs w_i / m_i examples.
@@ -465,7 +466,7 @@ def _budget(ctx: _Context) -> tuple[dict[str, int], str]:
     else:
         unknown = [t for t in ctx.shares if not _size(ctx.sizes, t)]
         if unknown:
-            raise ValueError(f"{ctx.to} export needs --num-samples N (the examples to train on in all), or the "
+            raise BadInput(f"{ctx.to} export needs --num-samples N (the examples to train on in all), or the "
                              f"mixture's 'sizes' to default to the most examples that repeat none; no size for "
                              f"task(s) {', '.join(unknown)}")
         # The largest budget at which no task needs more examples than it has: min_i N_i / share_i.
@@ -534,11 +535,11 @@ def _export_llamafactory(ctx: _Context) -> MixtureExport:
     entries = {}
     for task, n in counts.items():
         if "," in task:
-            raise ValueError(f"llamafactory: task name {task!r} has a comma, which `dataset:` uses as separator")
+            raise BadInput(f"llamafactory: task name {task!r} has a comma, which `dataset:` uses as separator")
         v = ctx.names[task]
         entry = dict(v) if isinstance(v, dict) else {"file_name": v, "columns": dict(_LLAMAFACTORY_COLUMNS)}
         if not any(k in entry for k in _LLAMAFACTORY_SOURCES):
-            raise ValueError(f"--names: the dataset_info.json entry for {task!r} needs one of "
+            raise BadInput(f"--names: the dataset_info.json entry for {task!r} needs one of "
                              f"{', '.join(_LLAMAFACTORY_SOURCES)}")
         entry["num_samples"] = n
         entries[task] = entry
@@ -617,7 +618,7 @@ def _export_axolotl(ctx: _Context) -> MixtureExport:
 
     unknown = [t for t in ctx.shares if not _size(ctx.sizes, t)]
     if unknown:
-        raise ValueError(f"axolotl export needs each task's number of training examples (the mixture's "
+        raise BadInput(f"axolotl export needs each task's number of training examples (the mixture's "
                          f"'sizes'), to cut shards from it; no size for task(s) {', '.join(unknown)}")
     counts, how = _budget(ctx)
     entries, lines = [], []
@@ -625,9 +626,9 @@ def _export_axolotl(ctx: _Context) -> MixtureExport:
         v = ctx.names[task]
         base = dict(v) if isinstance(v, dict) else {"path": v}
         if "path" not in base:
-            raise ValueError(f"--names: the axolotl entry for {task!r} needs a 'path'")
+            raise BadInput(f"--names: the axolotl entry for {task!r} needs a 'path'")
         if "shards" in base or "shards_idx" in base:
-            raise ValueError(f"--names: the axolotl entry for {task!r} sets shards; the export sets them itself")
+            raise BadInput(f"--names: the axolotl entry for {task!r} sets shards; the export sets them itself")
         base.setdefault("type", _AXOLOTL_TYPE)
         suffix = next((x for x in _AXOLOTL_DS_TYPES if str(base["path"]).endswith(x)), None)
         if suffix and "ds_type" not in base and "data_files" not in base:
@@ -667,7 +668,7 @@ def _export_megatron(ctx: _Context) -> MixtureExport:
     for task, share in ctx.shares.items():
         prefix = ctx.names[task]
         if any(c.isspace() for c in prefix):
-            raise ValueError(f"megatron: the prefix of {task!r} ({prefix!r}) has whitespace, which Megatron "
+            raise BadInput(f"megatron: the prefix of {task!r} ({prefix!r}) has whitespace, which Megatron "
                              f"splits on")
         pairs.append((repr(share), prefix))
     comments = ctx.comments("Megatron-LM: --data-path, or write it with --out for --data-args-path.", [
@@ -714,7 +715,7 @@ def parse_export(text: str, to: str, *, sizes: dict[str, int] | None = None) -> 
         return {k: w / sum(weights.values()) for k, w in weights.items()}
     if to == "axolotl":
         if sizes is None:
-            raise ValueError("parse_export(..., 'axolotl') needs sizes={path: rows} to count the shards")
+            raise BadInput("parse_export(..., 'axolotl') needs sizes={path: rows} to count the shards")
         rows: dict[str, int] = {}
         for d in yaml.safe_load(text)["datasets"]:
             n = sizes[d["path"]]
@@ -723,4 +724,4 @@ def parse_export(text: str, to: str, *, sizes: dict[str, int] | None = None) -> 
                 n = n // s + (1 if i < n % s else 0)
             rows[d["path"]] = rows.get(d["path"], 0) + n
         return {k: n / sum(rows.values()) for k, n in rows.items()}
-    raise ValueError(f"unknown export format {to!r}; choose one of {', '.join(EXPORTS)}")
+    raise BadInput(f"unknown export format {to!r}; choose one of {', '.join(EXPORTS)}")

@@ -21,6 +21,7 @@ from typing import Any
 
 from taskpgm_ray.config import Config
 from taskpgm_ray.console import RunConsole, StageProgress
+from taskpgm_ray.errors import BadInput
 from taskpgm_ray.io import atomic_write_json, atomic_write_text
 
 # Settings that change where or how fast a stage runs, never its result: left out of the stage keys.
@@ -314,7 +315,7 @@ def select_mixture(run_dir: str | Path, *, tune: bool) -> Path:
     run_dir = Path(run_dir)
     source = run_dir / ("tune/best.json" if tune else "estimate/mixture.json")
     if not source.exists():
-        raise FileNotFoundError(f"{source} not found: run `taskpgm {'tune' if tune else 'estimate'}` first")
+        raise BadInput(f"{source} not found: run `taskpgm {'tune' if tune else 'estimate'}` first")
     atomic_write_text(run_dir / "mixture.json", source.read_text())
     return run_dir / "mixture.json"
 

@@ -280,3 +280,28 @@ def test_set_needs_key_and_yaml_value(tmp_path, capsys):
     assert "Error: Invalid value for --set: expected KEY=VALUE, got 'oops'" in capsys.readouterr().err
     assert main(["run", str(cfg), "--set", "train.steps=[1,"]) == 2
     assert "Error: Invalid value for --set: 'train.steps=[1,': VALUE is not valid YAML" in capsys.readouterr().err
+
+
+# --- only our own bad-input type is "bad input" (issue 16) ---------------------------------------------
+
+
+@pytest.mark.parametrize("internal", [KeyError("weights"), ValueError("operands could not be broadcast")])
+def test_an_internal_key_or_value_error_is_not_reported_as_bad_input(tmp_path, capsys, monkeypatch, internal):
+    import taskpgm_ray.mixture_file as mixture_file
+
+    def broken(*args, **kwargs):  # a bug inside the export, not a problem with the user's file
+        raise internal
+
+    monkeypatch.setattr(mixture_file, "build_export", broken)
+    mixture = _hand_written(tmp_path / "m.json", {"a": 0.5, "b": 0.5})
+    assert main(["export", str(mixture), "--to", "hf"]) == 1
+    err = capsys.readouterr().err
+    assert err.endswith(f"taskpgm: {type(internal).__name__}: {str(internal)} "
+                        "(rerun with --debug for the traceback)\n"), err
+    assert "taskpgm: error:" not in err
+    with pytest.raises(type(internal)):  # and --debug shows where it came from
+        main(["--debug", "export", str(mixture), "--to", "hf"])
+    # the same command's own bad-input error is still one line and exit 2
+    monkeypatch.undo()
+    assert main(["export", str(mixture), "--to", "hf", "--num-samples", "5"]) == 2
+    assert capsys.readouterr().err.startswith("taskpgm: error: --num-samples applies to --to llamafactory")

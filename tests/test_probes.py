@@ -9,7 +9,15 @@ import pytest
 import yaml
 
 from taskpgm_ray.config import TEST_CONFIG, config_from_dict
-from taskpgm_ray.distributed.probes import FAIL_ENV, ProbeError, is_complete, probe_command, probe_dir, probe_hash
+from taskpgm_ray.distributed.probes import (
+    FAIL_ENV,
+    ProbeError,
+    install_adapter,
+    is_complete,
+    probe_command,
+    probe_dir,
+    probe_hash,
+)
 from taskpgm_ray.tasks import load_tasks
 
 TASKS = ["reverse_a", "sort", "add"]
@@ -32,6 +40,28 @@ def test_probe_hash_covers_what_changes_the_adapter(tmp_path):
     assert h != probe_hash(task, cfg.probes, dataclasses.replace(cfg.model, max_length=64))
     other = dataclasses.replace(task, train=task.train[1:])
     assert h != probe_hash(other, cfg.probes, cfg.model)
+
+
+def _finished(path, task: str):
+    """An adapter directory as train_probe leaves it before the rename: weights, then probe.json last."""
+    path.mkdir()
+    (path / "adapter_model.safetensors").write_bytes(b"weights of " + task.encode())
+    (path / "probe.json").write_text(json.dumps({"task": task}))
+    return path
+
+
+def test_installing_an_adapter_over_another_is_fine_only_when_that_one_is_complete(tmp_path):
+    out = tmp_path / "sort-abc"
+    install_adapter(_finished(tmp_path / ".tmp-1", "sort"), out)
+    assert is_complete(out) and not (tmp_path / ".tmp-1").exists()
+    # a concurrent run with the same hash finished first: the rename fails, theirs (identical) stays
+    install_adapter(_finished(tmp_path / ".tmp-2", "sort"), out)
+    assert json.loads((out / "probe.json").read_text()) == {"task": "sort"}
+    # something incomplete is in the way (no probe.json): the probe is not on disk, so it is an error
+    (out / "probe.json").unlink()
+    with pytest.raises(RuntimeError, match=r"sort-abc: could not move the finished adapter into place .* "
+                                           r"no complete adapter is there; remove .* and re-run"):
+        install_adapter(_finished(tmp_path / ".tmp-3", "sort"), out)
 
 
 def test_failure_is_reported_per_task_then_only_missing_probes_train(ray_cluster, tmp_path, monkeypatch):

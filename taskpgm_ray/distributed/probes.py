@@ -147,6 +147,21 @@ def is_complete(path: Path) -> bool:
     return (path / "probe.json").exists()
 
 
+def install_adapter(tmp: Path, out: Path) -> None:
+    """Rename the finished adapter directory ``tmp`` to ``out`` (atomic: a reader sees all of it or nothing).
+
+    The rename fails when ``out`` already exists; that is fine only if ``out`` is a complete adapter (a concurrent
+    run with the same hash finished first, so theirs is identical). Anything else is raised: the probe is not
+    on disk, and reporting it trained would hand the estimate stage a directory it cannot load.
+    """
+    try:
+        os.replace(tmp, out)
+    except OSError as exc:
+        if not is_complete(out):
+            raise RuntimeError(f"probe adapter {out}: could not move the finished adapter into place ({exc}) and "
+                               f"no complete adapter is there; remove {out} and re-run") from exc
+
+
 # --------------------------------------------------------------------------------------------------
 # the worker
 
@@ -204,10 +219,7 @@ def train_probe(task_name: str, pairs: list[tuple[str, str]], probes: dict, mode
     try:
         net.save_pretrained(str(tmp))
         (tmp / "probe.json").write_text(json.dumps(meta, indent=2))
-        try:
-            os.replace(tmp, out)
-        except OSError:  # a concurrent run finished the same adapter first; theirs is identical
-            pass
+        install_adapter(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return meta

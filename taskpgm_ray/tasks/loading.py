@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from taskpgm_ray.config import Config, TaskConfig, resolve_path
+from taskpgm_ray.errors import BadInput
 from taskpgm_ray.io import atomic_write_text
 
 
-class TaskError(ValueError):
+class TaskError(BadInput):
     """A task that cannot be loaded; the message names the task and what is wrong."""
 
 

@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from taskpgm_ray.errors import BadInput
+
 SPEC_FORMAT = "taskpgm-suite-spec/1"
 DEFAULT_SPEC = Path(__file__).resolve().parent / "specs" / "default.yaml"
 ROLES = ("near_duplicate", "low_value", "high_value", "regular", "noise")
@@ -113,7 +115,7 @@ class SuiteSpec:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-class SpecError(ValueError):
+class SpecError(BadInput):
     """A suite spec that cannot be used; the message names the file and the field."""
 
 

@@ -7,6 +7,8 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from taskpgm_ray.errors import BadInput
+
 if TYPE_CHECKING:
     from taskpgm_ray.config import Config
     from taskpgm_ray.tasks import TaskData
@@ -23,7 +25,7 @@ def read_mixture_weights(path: str | os.PathLike) -> dict[str, float]:
     from taskpgm_ray.mixture_file import read_mixture
 
     if not os.path.isfile(path):
-        raise ValueError(f"mixture file not found: {path}")
+        raise BadInput(f"mixture file not found: {path}")
     return dict(read_mixture(str(path))["weights"])
 
 
@@ -65,7 +67,7 @@ def validate_mixture(weights: Mapping[str, float], tasks: list[TaskData], cfg: C
             problems.append(f"mixture: task {t.name!r} has weight {clean[t.name]:g} but no training examples")
     problems.extend(_train_config_problems(cfg, tasks, clean))
     if problems:
-        raise ValueError(problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems))
+        raise BadInput(problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems))
     return {n: clean[n] for n in names}
 
 
