@@ -163,6 +163,12 @@ class EstimationConfig:
     jsd: bool = doc("also accumulate the JSD affinity (top-k compressed)", True)
     jsd_top_k: int = doc("top-k tokens kept per position for the JSD (plus one tail bucket)", 16)
     stop_when_stable: StableConfig | None = doc("anytime stopping; null scores every shard", None)
+    active: bool = doc(
+        "score a cheap first pass, then only the (proxy, probe shard) pairs whose scoring moves the mixture most; "
+        "the rest of the likelihood matrix is filled in by matrix completion (mixture/active.py), and scoring "
+        "stops when the mixture is certain within active_tol. Needs jsd: false (the JSD needs every pair)", False)
+    active_tol: float = doc("active: stop when, at two checks in a row, the mixture is within this L1 of the "
+                            "full-scoring one with probability 0.9 (bootstrap of the completed matrix)", 0.01)
     max_actor_restarts: int = doc("restarts per actor before its shards move elsewhere", 2)
     bootstrap: int = doc("bootstrap resamples for the confidence bands on the weights", 100)
 
@@ -512,6 +518,15 @@ def _check(cfg: Config, problems: list[str]) -> None:
         problems.append(f"estimation.num_actors: must be >= 1, got {cfg.estimation.num_actors}")
     if isinstance(cfg.estimation.shard_size, int) and cfg.estimation.shard_size < 1:
         problems.append(f"estimation.shard_size: must be >= 1, got {cfg.estimation.shard_size}")
+    if cfg.estimation.active is True:
+        if cfg.estimation.jsd:
+            problems.append("estimation.active: true scores only some (proxy, probe shard) pairs, and the JSD "
+                            "affinity needs every pair: set estimation.jsd: false")
+        if cfg.estimation.stop_when_stable is not None:
+            problems.append("estimation.stop_when_stable: estimation.active has its own stop rule (active_tol); "
+                            "set stop_when_stable: null")
+    if isinstance(cfg.estimation.active_tol, (int, float)) and not cfg.estimation.active_tol > 0:
+        problems.append(f"estimation.active_tol: must be > 0, got {cfg.estimation.active_tol}")
     tu = cfg.tune
     if len(tu.ratio_range) != 2 or not (0 < tu.ratio_range[0] <= tu.ratio_range[1]):
         problems.append(f"tune.ratio_range: must be [low, high] with 0 < low <= high, got {tu.ratio_range}")

@@ -139,9 +139,10 @@ SIGNAL_ARRAYS = ("base_loglik_sum", "information_sum", "base_information_sum", "
                  "information_gain_sq_sum")
 
 
-def save_likelihoods(path: str, tasks, loglik_sum, count, sizes=None, **signal: np.ndarray) -> None:
-    """Write ``likelihoods.npz`` atomically: tasks, loglik_sum (n, n), count (n,), optional sizes (n,) and the
-    optional per-task ``SIGNAL_ARRAYS``."""
+def save_likelihoods(path: str, tasks, loglik_sum, count, sizes=None, measured=None, **signal: np.ndarray) -> None:
+    """Write ``likelihoods.npz`` atomically: tasks, loglik_sum (n, n), count (n,), optional sizes (n,), the
+    optional per-task ``SIGNAL_ARRAYS``, and optional ``measured`` (n, n): the share of each entry's probe
+    examples that were scored (below 1 where active estimation filled the entry in)."""
     unknown = sorted(set(signal) - set(SIGNAL_ARRAYS))
     if unknown:
         raise ValueError(f"{path}: unknown array(s) {', '.join(unknown)} (optional: {', '.join(SIGNAL_ARRAYS)})")
@@ -152,6 +153,8 @@ def save_likelihoods(path: str, tasks, loglik_sum, count, sizes=None, **signal: 
     }
     if sizes is not None:
         arrays["sizes"] = np.asarray(sizes)
+    if measured is not None:
+        arrays["measured"] = np.asarray(measured, dtype=np.float64)
     arrays.update({k: np.asarray(v) for k, v in signal.items()})
     _validate_likelihoods(path, arrays)
     atomic_savez(path, **arrays)
@@ -229,6 +232,8 @@ def _validate_likelihoods(path: str, a: dict) -> None:
     for key in ("count", "sizes", *SIGNAL_ARRAYS):
         if key in a and a[key].shape != (n,):
             raise BadInput(f"{path}: '{key}' must have shape ({n},), got {a[key].shape}")
+    if "measured" in a and a["measured"].shape != (n, n):
+        raise BadInput(f"{path}: 'measured' must have shape ({n}, {n}), got {a['measured'].shape}")
     bad = np.flatnonzero(~(a["count"] > 0))
     if bad.size:
         raise BadInput(

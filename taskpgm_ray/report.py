@@ -1,8 +1,8 @@
 """Stage 8: plots and tables of a finished run (``report/``), and the same to W&B.
 
-Reads only artefacts (tasks.json, likelihoods.npz, mixture.json, estimate/signal.json, train/summary.json,
-tune/results.json, compare/results.json), so ``taskpgm report RUN_DIR`` works on any run directory, also one
-copied from a cluster.
+Reads only artefacts (tasks.json, likelihoods.npz, mixture.json, estimate/signal.json, estimate/progress.json,
+train/summary.json, tune/results.json, compare/results.json), so ``taskpgm report RUN_DIR`` works on any run
+directory, also one copied from a cluster.
 """
 
 from __future__ import annotations
@@ -198,6 +198,7 @@ def make_report(run_dir: str | Path, *, tracking: TrackingConfig | None = None) 
         plots["tune"] = p
 
     signal = _read_json(run_dir / "estimate" / "signal.json")
+    estimate = _read_json(run_dir / "estimate" / "progress.json")
     compare = _read_json(run_dir / "compare" / "results.json")
     if compare and (run_dir / "compare" / "compare.png").exists():
         import shutil
@@ -217,7 +218,7 @@ def make_report(run_dir: str | Path, *, tracking: TrackingConfig | None = None) 
         "hyperparameters": mixture.get("hyperparameters"), "eval_loss_mean": summary.get("eval_loss_mean"),
         "throughput": summary.get("throughput"), "tasks": rows,
         "tune_best": (tune_results or {}).get("best", {}).get("validation_loss"),
-        "signal": signal, "compare": _compare_digest(compare),
+        "signal": signal, "compare": _compare_digest(compare), "estimation": _estimation_digest(estimate),
         "plots": {k: str(v.relative_to(run_dir)) for k, v in plots.items()},
     }
     md = [f"# taskpgm report: {run_dir.name}", "",
@@ -227,6 +228,7 @@ def make_report(run_dir: str | Path, *, tracking: TrackingConfig | None = None) 
           f"selected on the same validation split, so this figure is optimistic: `taskpgm compare` scores on test.",
           "", _table_markdown(rows, ["task", "weight", "uniform", "train_size", "samples", "eval_loss",
                                      "eval_accuracy"]), ""]
+    md += estimation_markdown(estimate)
     md += signal_markdown(signal)
     if compare:
         from taskpgm_ray.compare import summary_markdown
@@ -255,6 +257,38 @@ def signal_markdown(signal: dict | None) -> list[str]:
             for k, v in signal["tasks"].items()]
     return lines + [_table_markdown(rows, ["task", "gain", "gain_low", "gain_high", "learned", "information_gain",
                                            "nearest"]), ""]
+
+
+def estimation_markdown(progress: dict | None) -> list[str]:
+    """How much of the likelihood matrix the estimate stage measured (``estimate/progress.json``), as markdown:
+    one line, and with active estimation the stop rule's verdict and a proxy x task table of the share of
+    each entry's probe examples that were scored (blank: filled in by matrix completion)."""
+    if not progress or "measured" not in progress:  # a run from before the field existed
+        return []
+    names = progress["tasks"]
+    lines = ["## Estimation", "",
+             f"Scored {progress['fraction_pairs']:.1%} of the {len(names)}x{len(names)} (proxy, probe set) pairs, "
+             f"{progress['fraction_units']:.1%} of the (proxy, probe shard) units, "
+             f"{progress['fraction_examples']:.1%} of the proxy-example scorings"
+             + (" (active estimation: the other entries of the likelihood matrix are filled in by matrix "
+                "completion)." if progress["active"] else "."), ""]
+    c = progress.get("certainty")
+    if c:
+        lines += [f"Stop rule: {c['stopped_by']}; the mixture is within **{c['declared_l1']:.3g}** L1 of the "
+                  f"full-scoring one with probability {c['level']:g} (tol {c['tol']:g}).", ""]
+    if progress["active"] and len(names) <= 30:
+        rows = [{"proxy / task": a, **{b: (f"{v:.2f}" if v > 0 else "") for b, v in zip(names, row)}}
+                for a, row in zip(names, progress["measured"])]
+        lines += ["Measured entries (share of the task's probe examples the proxy scored):", "",
+                  _table_markdown(rows, ["proxy / task", *names]), ""]
+    return lines
+
+
+def _estimation_digest(progress: dict | None) -> dict | None:
+    if not progress or "measured" not in progress:
+        return None
+    return {k: progress[k] for k in ("active", "fraction_pairs", "fraction_units", "fraction_examples",
+                                     "certainty", "measured")}
 
 
 def _compare_digest(compare: dict | None) -> dict | None:

@@ -53,6 +53,13 @@ def test_shipped_test_config_loads():
         ({"model": {"tiny": {"hidden_size": 30, "num_heads": 4}}},
          "model.tiny.num_heads: hidden_size 30 is not divisible by 4"),
         ({"estimation": {"num_actors": 0}}, "estimation.num_actors: must be >= 1, got 0"),
+        ({"estimation": {"active": True}},
+         "estimation.active: true scores only some (proxy, probe shard) pairs, and the JSD affinity needs every "
+         "pair: set estimation.jsd: false"),
+        ({"estimation": {"active": True, "jsd": False, "stop_when_stable": {}}, "tune": {"affinities": ["pmi"]}},
+         "estimation.stop_when_stable: estimation.active has its own stop rule (active_tol); set stop_when_stable: "
+         "null"),
+        ({"estimation": {"active_tol": 0}}, "estimation.active_tol: must be > 0, got 0.0"),
         ({"tune": {"ratio_range": [10.0, 1.0]}},
          "tune.ratio_range: must be [low, high] with 0 < low <= high, got [10.0, 1.0]"),
         ({"tune": {"kernels": ["psd", "rbf"]}}, "tune.kernels[1]: must be 'psd', 'clip' or 'exp', got 'rbf'"),

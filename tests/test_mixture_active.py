@@ -68,6 +68,27 @@ def test_completion_recovers_planted_additive_low_rank_matrix():
     assert np.all(np.isfinite(comp.loglik_mean)) and np.all(comp.std[missing] > 0)
 
 
+def test_few_tasks_with_one_shard_each_keep_an_honest_error_bar():
+    """n = 5, one shard per task, the per-example noise given (as the pipeline measures it from per-example
+    scores): the additive model has about as many parameters as scored cells, so its residuals say nothing
+    about the unscored ones; their std must still cover the actual error (about 50% coverage without the
+    shrinkage of tau^2 towards the cells' spread, against 90% nominal)."""
+    z = []
+    for seed in range(20):
+        n = 5
+        _, Y, count, _ = planted(n, seed, noise=0.2)
+        Y1, c1 = Y[:, :, :1], count[:, :1]
+        L1 = Y1[:, :, 0] / c1[None, :, 0]
+        scored = initial_pairs(c1, fraction=0.0, full_per_task=2, seed=seed)
+        comp = complete_likelihoods(Y1, c1, scored, noise_var=np.full(n, 0.2**2 * 0.25))
+        np.testing.assert_allclose(comp.noise_var, 0.01, rtol=1e-12)
+        missing = ~scored.any(2)
+        z.extend(np.abs(comp.loglik_mean - L1)[missing] / comp.std[missing])
+    assert np.mean(np.array(z) <= 1.645) >= 0.85
+    with pytest.raises(ValueError, match=r"noise_var must be \(n,\) = \(5,\) values > 0"):
+        complete_likelihoods(Y1, c1, scored, noise_var=np.zeros(5))
+
+
 def test_completion_is_better_than_the_additive_model_alone():
     n = 40
     _, Y, count, L = planted(n, 2, noise=0.2, rank=3)

@@ -386,7 +386,10 @@ def resolve_proxies(cfg: Config, tasks: list[TaskData]) -> list[Proxy]:
 def estimate_command(cfg: Config, *, tasks: list[TaskData] | None = None,
                      on_result: Callable[[int, list], None] | None = None,
                      progress: StageProgress | None = None) -> dict:
-    """Score every proxy on every probe set and write the likelihood matrix, affinities and mixture.
+    """Score the proxies on the probe sets and write the likelihood matrix, affinities and mixture.
+
+    Every proxy scores every probe shard, unless ``estimation.active``: then a first pass and the
+    (proxy, shard) units ``mixture.active`` asks for, until the mixture is certain (``_estimate_active``).
 
     Args:
         cfg: the run config (``estimation``, ``energy``, the proxy model, ``tracking``, ``output_dir``).
@@ -397,8 +400,9 @@ def estimate_command(cfg: Config, *, tasks: list[TaskData] | None = None,
 
     Writes (under ``output_dir``): ``likelihoods.npz`` (CONTRACT.md), ``jsd.npz`` (with ``estimation.jsd``),
     ``estimate/mixture.json`` (the config's energy), ``estimate/signal.json`` (signal checks),
-    ``estimate/examples.npz`` (per-example scores), ``estimate/affinity.png``, ``estimate/progress.json``,
-    ``estimate/shards/*.npz``, and a W&B run.
+    ``estimate/examples.npz`` (per-example scores), ``estimate/affinity.png``, ``estimate/progress.json``
+    (with ``fraction_pairs`` and the ``measured`` matrix), ``estimate/shards/*.npz``,
+    ``estimate/active.json`` (``estimation.active``: the stop rule's state, for a resume), and a W&B run.
 
     Returns:
         the ``progress.json`` content plus the ``weights`` and the paths written.
@@ -408,8 +412,6 @@ def estimate_command(cfg: Config, *, tasks: list[TaskData] | None = None,
             log-likelihood, or every actor lost.
         ValueError: the actors ask for more CPUs/GPUs than the cluster has.
     """
-    import ray
-
     from taskpgm_ray.distributed.cluster import init_ray, require_resources
     from taskpgm_ray.models import ensure_proxy_tokenizer
     from taskpgm_ray.tasks import load_tasks
@@ -418,6 +420,7 @@ def estimate_command(cfg: Config, *, tasks: list[TaskData] | None = None,
     e = cfg.estimation
     tasks = load_tasks(cfg) if tasks is None else tasks
     names = [t.name for t in tasks]
+    n = len(tasks)
     utilities = [t.utility for t in tasks]
     settings = scoring_settings(cfg)
     shards = make_shards(tasks, e.shard_size, settings)
@@ -430,87 +433,298 @@ def estimate_command(cfg: Config, *, tasks: list[TaskData] | None = None,
     out_dir = Path(cfg.output_dir)
     shard_dir = out_dir / "estimate" / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
-
-    # 1. the cache: what is already scored, and which (proxy, shard) pairs are missing
-    records = {s.index: _read_shard(shard_dir / f"{s.key}.npz") for s in shards}
-    todo = deque(s for s in shards if _missing(records[s.index], shard_keys(s, order), order, e.jsd)
-                 or (e.jsd and _jsd_pairs(records[s.index], order) is None))
-    pending = {s.index for s in todo}
-    cached = [s for s in shards if s.index not in pending]
     progress = progress or StageProgress()
-    progress.start(len(shards), done=len(cached))
-
-    # 2. the central optimiser, fed the cached shards first (in round-robin order)
-    from taskpgm_ray.distributed.solve import mixture_caps
-
-    optimizer = ray.remote(MixtureOptimizer).options(num_cpus=0).remote(
-        len(tasks), len(shards), cfg.energy, e.stop_when_stable, utilities, mixture_caps(cfg, tasks),
-        [len(t.train) for t in tasks])
-    sums: dict[int, ShardSums] = {}
     stats = {"scored": 0, "adapter_shard_scorings": 0, "forwards": 0, "requeued": 0, "actor_failures": 0,
              "tokens_scored": 0, "scoring_seconds": 0.0}
+    records = {s.index: _read_shard(shard_dir / f"{s.key}.npz") for s in shards}  # the cache
+    pool = _ActorPool(cfg, proxies, records, stats, on_result=on_result,
+                      tok_path=lambda: str(ensure_proxy_tokenizer(cfg, out_dir).resolve()))
+    active = None
     try:
-        status = {"stable": False}
-        for s in cached:
-            sums[s.index] = _shard_sums(s, records[s.index], order, e.jsd)
-            status = ray.get(optimizer.add.remote(sums[s.index]))
-            if status["stable"]:
-                break
-
-        # 3. the actors score what is missing, until done or the mixture is stable
-        if todo and not status["stable"]:
-            tok_path = str(ensure_proxy_tokenizer(cfg, out_dir).resolve())
-            _run_actors(cfg, proxies, todo, records, sums, optimizer, status, stats, tok_path=tok_path,
-                        on_result=on_result, progress=progress)
-        trajectory = ray.get(optimizer.trajectory.remote())
-        bands = ray.get(optimizer.bootstrap.remote(e.bootstrap, cfg.probes.seed))
+        if e.active:
+            active = _estimate_active(cfg, tasks, shards, order, records, pool, progress)
+            used, trajectory, bands = [s.index for s in shards], active["trajectory"], active["bands"]
+            sums = {s.index: _shard_sums(s, records[s.index], order, False) for s in shards}
+            cached = active["cached"]
+        else:
+            used, cached, sums, trajectory, bands = _estimate_full(cfg, tasks, shards, order, records, pool,
+                                                                   progress, utilities)
     finally:
-        ray.kill(optimizer)
+        pool.close()
 
-    # 4. final sums in shard order (bit-identical whatever ran where), outputs
-    used = sorted(sums)
-    n = len(tasks)
-    loglik_sum, count = np.zeros((n, n)), np.zeros(n, dtype=np.int64)
-    jsd_by_task, tok_by_task = np.zeros((n, n, n)), np.zeros(n, dtype=np.int64)
-    signal_sums = {k: np.zeros(n) for k in ("base_loglik_sum", "information_sum", "base_information_sum",
-                                            "information_gain_sq_sum")}
-    signal_sums["information_count"] = np.zeros(n, dtype=np.int64)
-    for i in used:
-        s = sums[i]
-        loglik_sum[:, s.task] += s.loglik
-        count[s.task] += s.count
-        signal_sums["base_loglik_sum"][s.task] += s.base
-        signal_sums["information_sum"][s.task] += s.information
-        signal_sums["base_information_sum"][s.task] += s.base_information
-        signal_sums["information_count"][s.task] += s.information_count
-        signal_sums["information_gain_sq_sum"][s.task] += s.information_sq
-        if s.jsd_sum is not None:
-            jsd_by_task[s.task] += s.jsd_sum
-            tok_by_task[s.task] += s.tokens
-    examples = _per_example(shards, used, records, order)
+    # final sums in shard order (bit-identical whatever ran where), outputs
+    loglik_sum, count, jsd_sum, jsd_tokens, signal_sums = _totals([sums[i] for i in sorted(used)], n)
+    probe_total = np.array([len(t.probe) for t in tasks])  # (n,) probe examples per task
+    measured = np.broadcast_to(count / probe_total, (n, n)).copy()  # every proxy scored the shards used
+    if active is not None:  # the solver sees the completed matrix; measured cells keep their exact sums
+        loglik_sum, count, measured = active["loglik_sum"], active["count"], active["measured"]
+    examples = _per_example(shards, sorted(used), records, order)
     atomic_savez(out_dir / "estimate" / "examples.npz", tasks=np.array(names), **examples)
     signal = signal_checks(names, examples, n_boot=max(e.bootstrap, 100), seed=cfg.probes.seed)
     atomic_write_json(out_dir / "estimate" / "signal.json", signal)
+    units_total = n * len(shards)
+    units_scored = sum(sum(h in records[i]["loglik"] for h in order) for i in used)
     progress = {
         "tasks": names, "shards_total": len(shards), "shards_used": len(used), "shards_cached": len(cached),
-        "fraction_used": len(used) / len(shards),
+        "fraction_used": len(used) / len(shards) if active is None else units_scored / units_total,
         "examples_used": int(count.sum()), "examples_total": int(sum(len(t.probe) for t in tasks)),
-        "stopped_early": len(used) < len(shards), **stats, "trajectory": trajectory,
+        "stopped_early": len(used) < len(shards) or units_scored < units_total, **stats, "trajectory": trajectory,
         "bootstrap": _named_bands(bands, names),
+        # Which entries of the likelihood matrix were measured: measured[i][j] = share of task j's probe
+        # examples that proxy i scored (1: exact; 0: filled in by the completion of mixture/active.py).
+        "active": bool(e.active), "fraction_pairs": float(np.mean(measured > 0)),
+        "fraction_units": units_scored / units_total,
+        "fraction_examples": float((measured * probe_total[None, :]).sum() / (n * probe_total.sum())),
+        "measured": measured.tolist(),
+        "certainty": active["certainty"] if active is not None else None,
     }
-    result = _write_outputs(cfg, tasks, loglik_sum, count, jsd_by_task if e.jsd else None,
-                            tok_by_task if e.jsd else None, progress, signal_sums)
+    result = _write_outputs(cfg, tasks, loglik_sum, count, jsd_sum if e.jsd and active is None else None,
+                            jsd_tokens if e.jsd and active is None else None, progress, signal_sums, measured)
     progress["seconds"] = time.perf_counter() - t0
     atomic_write_json(out_dir / "estimate" / "progress.json", progress)
     _log_wandb(cfg, progress, result, signal)
     return {**progress, **result, "signal": signal}
 
 
+def _estimate_full(cfg, tasks, shards, order, records, pool, progress, utilities):
+    """Every proxy on every shard, fed to the central optimiser; with ``stop_when_stable``, until it is stable.
+
+    Returns ``(used shard indices, cached shards, {index: ShardSums}, trajectory, bootstrap bands)``.
+    """
+    import ray
+
+    from taskpgm_ray.distributed.solve import mixture_caps
+
+    e = cfg.estimation
+    # 1. the cache: what is already scored, and which (proxy, shard) pairs are missing
+    todo = deque((s, _missing(records[s.index], shard_keys(s, order), order, e.jsd)) for s in shards
+                 if _missing(records[s.index], shard_keys(s, order), order, e.jsd)
+                 or (e.jsd and _jsd_pairs(records[s.index], order) is None))
+    pending = {s.index for s, _ in todo}
+    cached = [s for s in shards if s.index not in pending]
+    progress.start(len(shards), done=len(cached))
+
+    # 2. the central optimiser, fed the cached shards first (in round-robin order)
+    optimizer = ray.remote(MixtureOptimizer).options(num_cpus=0).remote(
+        len(tasks), len(shards), cfg.energy, e.stop_when_stable, utilities, mixture_caps(cfg, tasks),
+        [len(t.train) for t in tasks])
+    sums: dict[int, ShardSums] = {}
+    status: dict = {"stable": False}
+    last_update = None  # the optimizer's answer to the previous shard, read for the live line when ready
+    try:
+        for s in cached:
+            sums[s.index] = _shard_sums(s, records[s.index], order, e.jsd)
+            status = ray.get(optimizer.add.remote(sums[s.index]))
+            if status["stable"]:
+                break
+
+        def after(s: Shard, keys: list[str]) -> None:
+            nonlocal last_update
+            sums[s.index] = _shard_sums(s, records[s.index], order, e.jsd)
+            update = optimizer.add.remote(sums[s.index])
+            if e.stop_when_stable is not None:  # only the stopping rule needs the answer before going on
+                status.update(ray.get(update))
+            elif last_update is not None and ray.wait([last_update], timeout=0)[0]:  # the display: never wait
+                status["l1_change"] = ray.get(last_update)["l1_change"]
+            last_update = update
+            l1 = status.get("l1_change")
+            progress.update(len(sums), info=f"mixture L1 change {l1:.2g}" if l1 is not None else "")
+
+        # 3. the actors score what is missing, until done or the mixture is stable
+        if todo and not status["stable"]:
+            pool.score(todo, after=after, stop=lambda: status["stable"])
+        trajectory = ray.get(optimizer.trajectory.remote())
+        bands = ray.get(optimizer.bootstrap.remote(e.bootstrap, cfg.probes.seed))
+    finally:
+        ray.kill(optimizer)
+    return sorted(sums), cached, sums, trajectory, bands
+
+
+# Active estimation (estimation.active): the first pass and the rounds, as in benchmarks/active.py.
+ACTIVE_FIRST_FRACTION = 0.05  # first pass: share of the other off-diagonal pairs scored on one shard
+ACTIVE_FULL_PER_TASK = 2  # first pass: other proxies per task scored on every shard
+ACTIVE_ROUND = 0.01  # share of all (proxy, shard) units asked for per round (at least 2 per actor)
+ACTIVE_CHECKS = 2  # certain checks in a row before stopping (one can be certain by chance)
+ACTIVE_LEVEL = 0.9  # probability of the declared L1 bound
+ACTIVE_DRAWS = 64  # bootstrap draws per check
+
+
+def _estimate_active(cfg, tasks, shards, order, records, pool, progress) -> dict:
+    """Active estimation: score the first pass, then rounds of the units ``next_pairs`` asks for, until
+    ``mixture_certainty`` is certain within ``estimation.active_tol`` at two checks in a row.
+
+    A unit is (proxy i, shard r of task j); the base model and the rotated pairs score every shard (the
+    signal checks and the information unary need them; 3 scorings per shard against n proxies). Units are
+    cached per (adapter, shard) as in a full run, so an interrupted run resumes with what it had; the stop
+    rule's streak is kept in ``estimate/active.json`` under a hash of the scored units, so a re-run of a
+    finished estimation scores nothing.
+
+    Returns ``loglik_sum`` (n, n: the completed matrix times ``count``, exact sums in fully measured cells),
+    ``count`` (n: every probe example), ``measured`` (n, n: share of each cell's examples scored),
+    ``trajectory`` (one row per check), ``bands``, ``certainty`` (the last check) and ``cached`` (shards with
+    every planned unit already on disk at the start).
+    """
+    from taskpgm_ray.distributed.solve import mixture_caps, solve_from_sums
+    from taskpgm_ray.mixture.active import complete_likelihoods, initial_pairs, mixture_certainty, next_pairs
+    from taskpgm_ray.mixture.signal import information_gain
+
+    e, n, seed = cfg.estimation, len(tasks), cfg.probes.seed
+    by_task = [[s for s in shards if s.task == j] for j in range(n)]  # shard r of task j: by_task[j][r]
+    count = np.zeros((n, max(len(b) for b in by_task)))  # (n, n_shards) examples per shard
+    for j, b in enumerate(by_task):
+        count[j, : len(b)] = [len(s.example_ids) for s in b]
+    N = count.sum(1)
+    units_total = int(n * (count > 0).sum())
+    state_path = Path(cfg.output_dir) / "estimate" / "active.json"
+    saved = _read_json(state_path)
+    sizes = [len(t.train) for t in tasks]
+    utilities, caps = [t.utility for t in tasks], mixture_caps(cfg, tasks)
+    plan = initial_pairs(count, fraction=ACTIVE_FIRST_FRACTION, full_per_task=min(ACTIVE_FULL_PER_TASK, n - 1),
+                         seed=seed)
+    budget = max(2 * e.num_actors, int(np.ceil(ACTIVE_ROUND * units_total)))
+
+    def scored_units() -> tuple[np.ndarray, np.ndarray]:
+        """(n, n, n_shards) the units on disk and their summed log-likelihoods (0 where not scored)."""
+        mask, Y = np.zeros((n, *count.shape), bool), np.zeros((n, *count.shape))
+        for j, b in enumerate(by_task):
+            for r, s in enumerate(b):
+                ll = (records[s.index] or {"loglik": {}})["loglik"]
+                for i, h in enumerate(order):
+                    if h in ll:
+                        mask[i, j, r], Y[i, j, r] = True, float(np.sum(ll[h]))
+        return mask, Y
+
+    def wanted(plan: np.ndarray) -> deque:
+        """(shard, keys still missing) for every shard the plan touches, the base and rotations included."""
+        todo = deque()
+        for j, b in enumerate(by_task):
+            for r, s in enumerate(b):
+                keys = [order[i] for i in np.flatnonzero(plan[:, j, r])] + shard_keys(s, order)[n:]
+                have = (records[s.index] or {"loglik": {}})["loglik"]
+                need = [k for k in keys if k not in have]
+                if need:
+                    todo.append((s, need))
+        return todo
+
+    todo = wanted(plan)
+    cached = [s for s in shards if s.index not in {t.index for t, _ in todo}]
+    done = int(scored_units()[0].sum())  # units on disk, for the live line
+    progress.start(units_total, done=done)
+    streak, trajectory, last = 0, [], None
+
+    def after(s: Shard, keys: list[str]) -> None:
+        nonlocal done
+        done += sum(k in set(order) for k in keys)
+        progress.update(done)
+
+    while True:
+        if todo:
+            pool.score(todo, after=after)
+        scored, Y = scored_units()
+        # the energy's inputs besides L: the information unary from the base and rotated scorings of every shard
+        _, _, _, _, sig = _totals([_shard_sums(s, records[s.index], order, False) for s in shards], n)
+        info = information_gain(sig["information_sum"], sig["base_information_sum"], sig["information_count"],
+                                sig["information_gain_sq_sum"])
+
+        def solve(L: np.ndarray, info: np.ndarray | None = info) -> np.ndarray:
+            return solve_from_sums(L * N[None, :], N, None, None, cfg.energy, utilities=utilities,
+                                   information=info, max_weights=caps, sizes=sizes)[0]
+
+        comp = complete_likelihoods(Y, count, scored, seed=seed, noise_var=_example_noise(by_task, records, order))
+        cert = mixture_certainty(comp, solve, tol=e.active_tol, level=ACTIVE_LEVEL, n_boot=ACTIVE_DRAWS, seed=seed)
+        key = hashlib.sha256(json.dumps([order, [s.key for s in shards], e.active_tol, seed]).encode()
+                             + np.packbits(scored).tobytes()).hexdigest()[:24]
+        if saved and saved.get("key") == key:  # the very check a previous run ended on: not a new check
+            streak, trajectory = int(saved["streak"]), list(saved["trajectory"])
+        else:
+            streak = streak + 1 if cert.certain else 0
+            trajectory.append({"shards": int(scored.sum()), "fraction": float(scored.sum() / units_total),
+                               "fraction_pairs": comp.fraction_pairs, "fraction_examples": comp.fraction_examples,
+                               "l1_change": float(np.abs(cert.weights - last).sum()) if last is not None else None,
+                               "declared_l1": cert.l1_at_level, "expected_l1": cert.expected_l1,
+                               "certain": cert.certain, "rank": comp.rank, "weights": cert.weights.tolist()})
+        last = cert.weights
+        atomic_write_json(state_path, {"key": key, "streak": streak, "trajectory": trajectory})
+        progress.update(int(scored.sum()), info=f"pairs {comp.fraction_pairs:.0%}, within "
+                                                f"{cert.l1_at_level:.2g} L1 (90%)")
+        if streak >= ACTIVE_CHECKS or scored.sum() >= units_total:
+            break
+        pick = next_pairs(comp, cert, budget)
+        plan = scored.copy()
+        plan[pick[:, 0], pick[:, 1], pick[:, 2]] = True
+        todo = wanted(plan)
+
+    measured = comp.scored_examples / N[None, :]
+    full = comp.scored_examples >= N[None, :]
+    loglik_sum = np.where(full, Y.sum(2), comp.loglik_mean * N[None, :])
+    return {"loglik_sum": loglik_sum, "count": N.astype(np.int64), "measured": measured, "trajectory": trajectory,
+            "cached": cached,
+            "bands": {"resamples": ACTIVE_DRAWS, "level": ACTIVE_LEVEL, "unit": "completed likelihood matrix",
+                      "mean": cert.samples.mean(0).tolist(), "std": cert.samples.std(0).tolist(),
+                      "low": cert.low.tolist(), "high": cert.high.tolist()},
+            "certainty": {"tol": e.active_tol, "level": ACTIVE_LEVEL, "draws": ACTIVE_DRAWS,
+                          "declared_l1": cert.l1_at_level, "expected_l1": cert.expected_l1,
+                          "certain": cert.certain, "checks_certain_in_a_row": streak,
+                          "stopped_by": "certainty" if streak >= ACTIVE_CHECKS else "everything scored",
+                          "completion_rank": comp.rank, "completion_tau2": comp.tau2}}
+
+
+def _example_noise(by_task: list[list[Shard]], records: dict, order: list[str]) -> np.ndarray:
+    """Per task, the per-example variance of the proxies' log-likelihoods around proxy + example effects
+    (``sigma_j^2`` of mixture/active.py), from the per-example scores of the proxies that scored each shard:
+    two-way residuals pooled over the task's shards; NaN where no shard has two proxies and two examples.
+    The shard sums alone cannot tell it from the tasks' real differences when a task has one shard."""
+    out = np.full(len(by_task), np.nan)
+    for j, shards in enumerate(by_task):
+        ss = dof = 0.0
+        for s in shards:
+            ll = (records[s.index] or {"loglik": {}})["loglik"]
+            Z = np.stack([ll[h] for h in order if h in ll]) if any(h in ll for h in order) else np.zeros((0, 0))
+            k, m = Z.shape
+            if k >= 2 and m >= 2:  # (k proxies, m examples)
+                R = Z - Z.mean(1, keepdims=True) - Z.mean(0, keepdims=True) + Z.mean()
+                ss, dof = ss + float((R**2).sum()), dof + (k - 1) * (m - 1)
+        if dof and ss > 0:
+            out[j] = ss / dof
+    return out
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _totals(sums: list[ShardSums], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                                    dict[str, np.ndarray]]:
+    """Column sums over shards in the given order: ``loglik_sum`` (n, n), ``count`` (n,), the JSD sums per
+    proxy pair (n, n), the response tokens behind them per task (n,), and the signal sums per task."""
+    loglik_sum, count = np.zeros((n, n)), np.zeros(n, dtype=np.int64)
+    jsd_sum, tokens = np.zeros((n, n)), np.zeros(n, dtype=np.int64)
+    signal = {k: np.zeros(n) for k in ("base_loglik_sum", "information_sum", "base_information_sum",
+                                       "information_gain_sq_sum")}
+    signal["information_count"] = np.zeros(n, dtype=np.int64)
+    for s in sums:
+        loglik_sum[:, s.task] += s.loglik
+        count[s.task] += s.count
+        signal["base_loglik_sum"][s.task] += s.base
+        signal["information_sum"][s.task] += s.information
+        signal["base_information_sum"][s.task] += s.base_information
+        signal["information_count"][s.task] += s.information_count
+        signal["information_gain_sq_sum"][s.task] += s.information_sq
+        if s.jsd_sum is not None:
+            jsd_sum += s.jsd_sum
+            tokens[s.task] += s.tokens
+    return loglik_sum, count, jsd_sum, tokens, signal
+
+
 def _shard_sums(shard: Shard, rec: dict, order: list[str], jsd: bool) -> ShardSums:
-    """A shard's column contribution for the proxies ``order`` (row i = proxy i), summed in example order,
-    with the base model's sum and the own proxy's and base's input-output information sums."""
+    """A shard's column contribution for the proxies ``order`` (row i = proxy i; NaN for a proxy that did not
+    score it, in active estimation), summed in example order, with the base model's sum and the own proxy's
+    and base's input-output information sums."""
     ll = rec["loglik"]
-    loglik = np.array([float(np.sum(ll[h])) for h in order])
+    loglik = np.array([float(np.sum(ll[h])) if h in ll else np.nan for h in order])
     pairs = _jsd_pairs(rec, order) if jsd else None
     own = order[shard.task]
     info = base_info = info_sq = 0.0
@@ -527,14 +741,14 @@ def _shard_sums(shard: Shard, rec: dict, order: list[str], jsd: bool) -> ShardSu
 
 def _per_example(shards: list[Shard], used: list[int], records: dict, order: list[str]) -> dict[str, np.ndarray]:
     """Every scored probe example in shard order: ``task`` (M,) its column, ``loglik`` (n, M) every proxy's
-    log-likelihood, ``base`` (M,), and ``own_rotated`` / ``base_rotated`` (M,) on the rotated pairs (NaN
-    where a one-example shard has none)."""
+    log-likelihood (NaN where that proxy did not score the shard), ``base`` (M,), and ``own_rotated`` /
+    ``base_rotated`` (M,) on the rotated pairs (NaN where a one-example shard has none)."""
     task, loglik, base, own_rot, base_rot = [], [], [], [], []
     for i in used:
         s, ll = shards[i], records[i]["loglik"]
         m = len(s.example_ids)
         task.append(np.full(m, s.task))
-        loglik.append(np.stack([ll[h] for h in order]))
+        loglik.append(np.stack([ll[h] if h in ll else np.full(m, np.nan) for h in order]))
         base.append(ll[BASE])
         rotated = ROT + order[s.task] in ll
         own_rot.append(ll[ROT + order[s.task]] if rotated else np.full(m, np.nan))
@@ -564,7 +778,10 @@ def signal_checks(names: list[str], examples: dict[str, np.ndarray], *, n_boot: 
     info = input_information([examples["loglik"][j, r] for j, r in enumerate(rot)],
                              [examples["own_rotated"][r] for r in rot], [examples["base"][r] for r in rot],
                              [examples["base_rotated"][r] for r in rot], n_boot=n_boot, seed=seed)
-    snr = affinity_snr([examples["loglik"][:, c] for c in col], n_boot=n_boot, seed=seed) if n >= 2 else None
+    # The affinity's signal-to-noise needs every proxy on every example (not so after active estimation).
+    complete = bool(np.all(np.isfinite(examples["loglik"])))
+    snr = affinity_snr([examples["loglik"][:, c] for c in col], n_boot=n_boot, seed=seed) \
+        if n >= 2 and complete else None
     tasks, warnings = {}, []
     for j, name in enumerate(names):
         g, inf = gains[j], info[j]
@@ -602,90 +819,114 @@ def signal_checks(names: list[str], examples: dict[str, np.ndarray], *, n_boot: 
     return out
 
 
-def _run_actors(cfg, proxies, todo, records, sums, optimizer, status, stats, *, tok_path, on_result, progress):
-    """Hand the shards in ``todo`` to the actors; fold results into ``records``, ``sums``, ``status``, ``stats``."""
-    import ray
+class _ActorPool:
+    """The estimation actors, started on the first ``score`` call and kept for every later one (the rounds
+    of active estimation); each result is folded into ``records`` and written to the shard cache.
 
-    e = cfg.estimation
-    order = [p.hash for p in proxies]
-    shard_dir = Path(cfg.output_dir) / "estimate" / "shards"
-    remote = ray.remote(EstimationActor).options(
-        num_cpus=e.num_cpus_per_actor, num_gpus=e.num_gpus_per_actor,
-        max_restarts=e.max_actor_restarts, max_task_retries=0)
-    # Never start more actors than there are shards to score.
-    actors = [remote.remote(asdict(cfg.proxy), tok_path, proxies, e.batch_size,
-                            e.jsd_top_k if e.jsd else 0, max(1, int(e.num_cpus_per_actor)),
-                            e.num_gpus_per_actor > 0) for _ in range(min(e.num_actors, len(todo)))]
-    deaths = dict.fromkeys(range(len(actors)), 0)  # actor slot -> times it died
-    alive = set(range(len(actors)))
-    try:
+    Hand-written rather than ``ray.util.ActorPool``: a dead actor's shard goes back to the front of the
+    queue, and a shard is scored under the keys it still lacks, with the top-k arrays it already has.
+    """
+
+    def __init__(self, cfg: Config, proxies: list[Proxy], records: dict, stats: dict, *,
+                 tok_path: Callable[[], str], on_result: Callable[[int, list], None] | None):
+        self._cfg = cfg
+        self._proxies = proxies
+        self._order = [p.hash for p in proxies]
+        self._records = records  # shard index -> cached record (None until scored), updated in place
+        self._stats = stats  # counters of progress.json, updated in place
+        self._tok_path = tok_path  # the proxy tokenizer's path, made on first use
+        self._on_result = on_result  # the test hook of estimate_command
+        self._actors: list = []  # actor handles, by slot
+        self._alive: set[int] = set()  # slots still usable
+        self._deaths: dict[int, int] = {}  # slot -> times its actor died
+
+    def _start(self, wanted: int) -> None:
+        import ray
+
+        e = self._cfg.estimation
+        remote = ray.remote(EstimationActor).options(
+            num_cpus=e.num_cpus_per_actor, num_gpus=e.num_gpus_per_actor,
+            max_restarts=e.max_actor_restarts, max_task_retries=0)
+        tok_path = self._tok_path()
+        # Never start more actors than there are shards to score.
+        self._actors = [remote.remote(asdict(self._cfg.proxy), tok_path, self._proxies, e.batch_size,
+                                      e.jsd_top_k if e.jsd else 0, max(1, int(e.num_cpus_per_actor)),
+                                      e.num_gpus_per_actor > 0) for _ in range(min(e.num_actors, wanted))]
+        self._alive = set(range(len(self._actors)))
+        self._deaths = dict.fromkeys(self._alive, 0)
         try:  # load up front so a bad adapter is one clear error, not a retry loop
-            ray.get([a.load.remote() for a in actors])
+            ray.get([a.load.remote() for a in self._actors])
         except ray.exceptions.RayTaskError as exc:
             raise EstimationError(str(getattr(exc, "cause", exc))) from None
-        inflight: dict[Any, tuple[int, Shard]] = {}
-        last_update = None  # the optimizer's answer to the previous shard, read for the live line when ready
-        busy = dict.fromkeys(alive, 0)
+
+    def score(self, todo: deque, *, after: Callable[[Shard, list[str]], None],
+              stop: Callable[[], bool] = lambda: False) -> None:
+        """Score every ``(shard, keys)`` in ``todo`` (until ``stop()``), calling ``after(shard, keys)`` on each."""
+        import ray
+
+        e = self._cfg.estimation
+        order = self._order
+        shard_dir = Path(self._cfg.output_dir) / "estimate" / "shards"
+        if not self._actors:
+            self._start(len(todo))
+        inflight: dict[Any, tuple[int, Shard, list[str]]] = {}
+        busy = dict.fromkeys(self._alive, 0)
         t_start = time.perf_counter()
 
         def dispatch() -> None:
-            while todo and not status["stable"]:
-                free = [a for a in sorted(alive) if busy[a] < IN_FLIGHT_PER_ACTOR]
+            while todo and not stop():
+                free = [a for a in sorted(self._alive) if busy[a] < IN_FLIGHT_PER_ACTOR]
                 if not free:
                     return
                 a = min(free, key=lambda k: busy[k])
-                s = todo.popleft()
-                rec = records[s.index]
-                need = _missing(rec, shard_keys(s, order), order, e.jsd)
+                s, need = todo.popleft()
+                rec = self._records[s.index]
                 cached_topk = {h: rec["topk"][h] for h in order if rec and h in rec["topk"] and h not in need}
-                ref = actors[a].score.remote(s, need, order if e.jsd else None, cached_topk if e.jsd else None)
-                inflight[ref] = (a, s)
+                ref = self._actors[a].score.remote(s, need, order if e.jsd else None, cached_topk if e.jsd else None)
+                inflight[ref] = (a, s, need)
                 busy[a] += 1
 
         dispatch()
         while inflight:
             (ref,), _ = ray.wait(list(inflight), num_returns=1)
-            a, s = inflight.pop(ref)
+            a, s, need = inflight.pop(ref)
             busy[a] -= 1
             try:
                 res = ray.get(ref)
             except ray.exceptions.RayActorError:
                 # The actor died (killed, OOM, node lost): its shard goes back to the front of the queue.
-                stats["actor_failures"] += 1
-                stats["requeued"] += 1
-                todo.appendleft(s)
-                deaths[a] += 1
-                if deaths[a] > e.max_actor_restarts:
-                    alive.discard(a)
-                if not alive:
+                self._stats["actor_failures"] += 1
+                self._stats["requeued"] += 1
+                todo.appendleft((s, need))
+                self._deaths[a] += 1
+                if self._deaths[a] > e.max_actor_restarts:
+                    self._alive.discard(a)
+                if not self._alive:
                     raise EstimationError(f"every estimation actor died (max_actor_restarts="
                                           f"{e.max_actor_restarts}); see the Ray logs") from None
                 dispatch()
                 continue
             except ray.exceptions.RayTaskError as exc:
                 raise EstimationError(str(getattr(exc, "cause", exc))) from None
-            records[s.index] = _merge(records[s.index], res)
-            _write_shard(shard_dir / f"{s.key}.npz", s, records[s.index])
-            sums[s.index] = _shard_sums(s, records[s.index], order, e.jsd)
-            update = optimizer.add.remote(sums[s.index])
-            if e.stop_when_stable is not None:  # only the stopping rule needs the answer before going on
-                status.update(ray.get(update))
-            elif last_update is not None and ray.wait([last_update], timeout=0)[0]:  # the display: never wait
-                status["l1_change"] = ray.get(last_update)["l1_change"]
-            last_update = update
-            l1 = status.get("l1_change")
-            progress.update(len(sums), info=f"mixture L1 change {l1:.2g}" if l1 is not None else "")
-            stats["scored"] += 1
-            stats["adapter_shard_scorings"] += len(res["loglik"])
-            stats["forwards"] += res["forwards"]
-            stats["tokens_scored"] += int(np.sum(records[s.index]["n_tokens"])) * len(res["loglik"])
-            if on_result is not None:
-                on_result(stats["scored"], actors)
+            self._records[s.index] = _merge(self._records[s.index], res)
+            _write_shard(shard_dir / f"{s.key}.npz", s, self._records[s.index])
+            after(s, need)
+            self._stats["scored"] += 1
+            self._stats["adapter_shard_scorings"] += len(res["loglik"])
+            self._stats["forwards"] += res["forwards"]
+            self._stats["tokens_scored"] += int(np.sum(self._records[s.index]["n_tokens"])) * len(res["loglik"])
+            if self._on_result is not None:
+                self._on_result(self._stats["scored"], self._actors)
             dispatch()
-        stats["scoring_seconds"] = time.perf_counter() - t_start
-    finally:
-        for act in actors:
+        self._stats["scoring_seconds"] += time.perf_counter() - t_start
+
+    def close(self) -> None:
+        """Kill the actors (a later ``score`` starts new ones)."""
+        import ray
+
+        for act in self._actors:
             ray.kill(act)
+        self._actors = []
 
 
 def _named_bands(bands: dict | None, names: list[str]) -> dict | None:
@@ -703,8 +944,9 @@ def inputs_hash(names: list[str], loglik_sum: np.ndarray, count: np.ndarray, jsd
     return h.hexdigest()[:16]
 
 
-def _write_outputs(cfg, tasks, loglik_sum, count, jsd_by_task, tok_by_task, progress, signal_sums) -> dict:
-    """likelihoods.npz, jsd.npz, the heatmap and the default-hyperparameter mixture.json."""
+def _write_outputs(cfg, tasks, loglik_sum, count, jsd_sum, tok_by_task, progress, signal_sums, measured) -> dict:
+    """likelihoods.npz (with ``measured``), jsd.npz (the JSD sums per proxy pair), the heatmap and the
+    default-hyperparameter mixture.json."""
     from taskpgm_ray.distributed.solve import affinity_from_sums, mixture_caps, solve_from_sums
     from taskpgm_ray.mixture.signal import information_gain
     from taskpgm_ray.mixture_file import save_likelihoods, write_mixture
@@ -713,13 +955,14 @@ def _write_outputs(cfg, tasks, loglik_sum, count, jsd_by_task, tok_by_task, prog
     out = Path(cfg.output_dir)
     names = [t.name for t in tasks]
     sizes = np.array([len(t.train) for t in tasks], dtype=np.int64)
-    save_likelihoods(str(out / "likelihoods.npz"), names, loglik_sum, count, sizes, **signal_sums)
-    jsd_sum = tokens = None
+    save_likelihoods(str(out / "likelihoods.npz"), names, loglik_sum, count, sizes, measured=measured,
+                     **signal_sums)
+    tokens = None
     written = {"likelihoods": str(out / "likelihoods.npz")}
-    if jsd_by_task is not None:
-        jsd_sum, tokens = jsd_by_task.sum(0), int(tok_by_task.sum())
+    if jsd_sum is not None:
+        tokens = int(tok_by_task.sum())
         atomic_savez(out / "jsd.npz", tasks=np.array(names), jsd_sum=jsd_sum, token_count=np.int64(tokens),
-                     jsd_sum_per_task=jsd_by_task, token_count_per_task=tok_by_task)
+                     token_count_per_task=tok_by_task)
         written["jsd"] = str(out / "jsd.npz")
     e = cfg.energy
     weights, sol, _ = solve_from_sums(
@@ -754,15 +997,24 @@ def _log_wandb(cfg: Config, progress: dict, result: dict, signal: dict) -> None:
             return
         import wandb
 
-        for row in progress["trajectory"]:
+        for row in progress["trajectory"]:  # active estimation: one row per check, with its declared L1
             run.log({"estimate/fraction": row["fraction"], "estimate/l1_change": row["l1_change"],
+                     **{f"estimate/{k}": row[k] for k in ("fraction_pairs", "declared_l1") if k in row},
                      **{f"estimate/weight/{k}": v for k, v in zip(names, row["weights"])}}, step=row["shards"])
+        # which entries of the likelihood matrix were measured (share of the cell's probe examples scored)
+        run.log({"estimate/measured": wandb.Table(
+            columns=["proxy", "task", "measured"],
+            data=[[names[i], names[j], v] for i, row in enumerate(progress["measured"]) for j, v in enumerate(row)])})
         run.log({"estimate/affinity": wandb.Image(result["paths"]["heatmap"])})
         rows = [[k, v["gain"], v["gain_low"], v["gain_high"], v["learned"], v["information_gain"]]
                 for k, v in signal["tasks"].items()]
         run.log({"estimate/signal": wandb.Table(columns=["task", "gain", "gain_low", "gain_high", "learned",
                                                          "information_gain"], data=rows)})
+        certainty = progress["certainty"] or {}
         run.summary.update({"fraction_used": progress["fraction_used"], "energy": result["energy"],
+                            "active": progress["active"], "fraction_pairs": progress["fraction_pairs"],
+                            "fraction_examples": progress["fraction_examples"],
+                            **({"declared_l1": certainty["declared_l1"]} if certainty else {}),
                             "signal/learned": signal["learned"], "signal/warnings": len(signal["warnings"]),
                             **({"signal/affinity_snr": signal["affinity"]["snr"]} if "affinity" in signal else {}),
                             **{f"weight/{k}": v for k, v in result["weights"].items()}})

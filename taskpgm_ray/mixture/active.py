@@ -25,8 +25,13 @@ examples; that is the target. A scored shard gives the shard mean ``y_ijs = M_ij
 
    fitted by weighted alternating least squares (weights ``1 / (tau^2 + sigma_j^2 / m_ij)`` for ``m_ij``
    scored examples, ridge on U and V). A held-out tenth of the scored cells picks the ridge and the rank
-   and measures tau^2. The diagonal (a proxy on its own task) is left out of the fit; it is the largest
-   entry of every column and is scored in full by the first pass.
+   and measures tau^2; with too few scored cells for that (a handful of tasks), tau^2 comes from the fit's
+   residuals shrunk towards the raw spread of the cells, since a fit with about as many parameters as
+   cells leaves residuals near 0 whatever the unscored cells do. The diagonal (a proxy on its own task) is
+   left out of the fit; it is the largest entry of every column and is scored in full by the first pass.
+   ``sigma_j^2`` comes from the scatter of shard means within cells, or from the caller (``noise_var``),
+   who may have the per-example scores: with one shard per task the shard means cannot tell noise from
+   the tasks' real differences.
 3. Each cell's posterior combines the model's prediction ``P_ij`` (prior variance ``V_ij = tau^2`` plus
    the row and column effects' estimation variance) with its own scored mean ``ybar_ij``:
    ``Mhat = k P + (1 - k) ybar``, ``k = (1 / V) / (1 / V + m / sigma^2)``. The full-scoring estimate
@@ -194,6 +199,7 @@ def complete_likelihoods(
     ridge: float = 1.0,
     max_iter: int = 50,
     seed: int = 0,
+    noise_var: np.ndarray | None = None,
 ) -> LikelihoodCompletion:
     """Fill in the likelihood matrix from the scored (proxy, task, shard) units, with a std per entry.
 
@@ -212,6 +218,10 @@ def complete_likelihoods(
             between ``ridge`` and ``10 * ridge``.
         max_iter: alternating least-squares sweeps at most (half of it for the held-out fits).
         seed: seed of the held-out split and of the factors' initialisation.
+        noise_var: (n,) the per-example proxy-specific variance ``sigma_j^2`` of each task, when the caller
+            measured it from per-example scores (NaN: unknown for that task). Without it, it is fitted from
+            the scatter of shard means within cells, and with one shard per task only from the scatter of
+            the cell means, which counts the tasks' real differences as noise.
 
     Returns:
         ``LikelihoodCompletion``; ``.loglik_mean`` is what the solver sees, ``.std`` its uncertainty.
@@ -232,7 +242,7 @@ def complete_likelihoods(
     ybar_s = np.where(mask, Y / np.where(c > 0, c, 1.0)[None], 0.0)  # shard means
 
     # 1. Shard offsets, per-example noise, and the offset-corrected cell means.
-    d, ybar, noise_var, d_var = _shard_offsets(ybar_s, cw, m, c)
+    d, ybar, noise_var, d_var = _shard_offsets(ybar_s, cw, m, c, known_noise=noise_var)
     observed = m > 0
     off = observed & ~np.eye(n, dtype=bool)
 
@@ -275,8 +285,12 @@ def complete_likelihoods(
         W = np.where(off, 1.0 / (tau2 + noise_cell), 0.0)
         fit = _fit_additive_low_rank(np.where(off, ybar, 0.0), W, 0, ridge, max_iter, rng)
         res = (ybar - fit["pred"])[off]
-        dof = max(off.sum() - 2 * n, 1.0)
-        tau2_cv = max(float(np.sum(res**2 - noise_cell[off]) / dof), 0.0) if off.any() else tau2
+        # With few cells beyond the model's 2n - 1 parameters the residuals are near 0 whatever the unseen
+        # cells do (at n = 4 the fit interpolates): shrink towards the raw spread of the cells, 3 cells' worth.
+        dof = max(off.sum() - (2 * n - 1), 0.0)
+        prior_dof = 3.0
+        tau2_cv = max(float((np.sum(res**2 - noise_cell[off]) + prior_dof * tau2) / (dof + prior_dof)), 0.0) \
+            if off.any() else tau2
     tau2_cv = max(tau2_cv, 1e-12)
     W = np.where(off, 1.0 / (tau2_cv + noise_cell), 0.0)
     fit = _fit_additive_low_rank(np.where(off, ybar, 0.0), W, rank, ridge, max_iter, rng)
@@ -341,7 +355,7 @@ def complete_likelihoods(
     )
 
 
-def _shard_offsets(ybar_s, cw, m, c, sweeps: int = 30):
+def _shard_offsets(ybar_s, cw, m, c, sweeps: int = 30, known_noise=None):
     """Fit ``y_ijs = mean_ij + d_js`` on cells with >= 2 scored shards; return d, corrected cell means,
     the per-example noise sigma_j^2 (pooled towards the all-task value) and each offset's variance."""
     n, _, n_shards = ybar_s.shape
@@ -372,6 +386,11 @@ def _shard_offsets(ybar_s, cw, m, c, sweeps: int = 30):
     pooled = max(pooled, 1e-12)
     prior_dof = 3.0
     noise_var = (ss + prior_dof * pooled) / (dof + prior_dof)
+    if known_noise is not None:
+        known = np.asarray(known_noise, dtype=np.float64)
+        if known.shape != (n,) or np.any(known[np.isfinite(known)] <= 0):
+            raise ValueError(f"noise_var must be (n,) = ({n},) values > 0 (NaN: unknown), got {known!r}")
+        noise_var = np.where(np.isfinite(known), known, noise_var)
     # d_js is a mean of (shard mean - cell mean) over the multi-shard cells that scored shard s, each with
     # variance sigma_j^2 (1 / c_js - 1 / m_ij).
     inv = np.where(wm > 0, 1.0 / np.maximum(1.0 / np.maximum(cw, 1e-300) - 1.0 / safe_m[:, :, None], 1e-300), 0.0)
