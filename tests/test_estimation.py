@@ -4,7 +4,11 @@ reference, an actor killed mid-run, an interrupted run resumed, a task added, an
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -315,6 +319,13 @@ def test_active_estimation_scores_part_of_the_pairs_and_resumes(probed, tmp_path
     md = "\n".join(estimation_markdown(progress))  # the report's lines
     assert f"Scored {progress['fraction_pairs']:.1%} of the 4x4 (proxy, probe set) pairs" in md
     assert "Stop rule: certainty" in md and "| proxy / task | reverse_a | copy | sort | add |" in md
+
+    wandb = Path(sys.executable).parent / "wandb"  # the offline W&B run: the fraction and the measured cells
+    (wb_run,) = (run / "wandb").glob("offline-run-*")
+    logged = subprocess.run([str(wandb), "leet", "inspect", str(wb_run), "--json", "--summary"],
+                            capture_output=True, text=True, check=True).stdout
+    found = re.search(r'"fraction_pairs": ([-+.e0-9]+)', logged)
+    assert found and float(found.group(1)) == progress["fraction_pairs"] and "estimate/measured" in logged
 
     again = estimate_command(cfg)
     assert again["scored"] == 0 and again["weights"] == active["weights"]
