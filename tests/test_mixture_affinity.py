@@ -194,3 +194,38 @@ def test_bootstrap_intervals_cover_and_shrink():
     np.testing.assert_array_equal(again.weights_samples, res.weights_samples)
     with pytest.raises(ValueError, match=r"count must have shape \(30, 4\)"):
         bootstrap_weights(ll, count[:, :3], solve)
+
+
+def _large_pmi(n: int, seed: int = 1) -> np.ndarray:
+    """A PMI affinity of n tasks in clusters of about 20 (above the dense limit when n > 500)."""
+    rng = np.random.default_rng(seed)
+    group = rng.integers(0, n // 20, n)
+    L = -2.0 - rng.random((n, n)) - 0.5 * (group[:, None] != group[None, :])
+    np.fill_diagonal(L, -1.0)
+    return pmi_affinity(L)
+
+
+@pytest.mark.parametrize("which", ["pmi", "exp"])
+def test_lanczos_bound_for_large_n_is_below_the_smallest_eigenvalue_and_tight(monkeypatch, which):
+    from taskpgm_ray.mixture.kernels import DENSE_EIG_LIMIT, min_eigenvalue_bound
+
+    S = _large_pmi(600)
+    A = S if which == "pmi" else np.exp(S / 2.0)  # PMI: one huge negative eigenvalue; exp: a clustered bottom
+    assert A.shape[0] > DENSE_EIG_LIMIT
+    with monkeypatch.context() as m:  # the large-n path never factorises the matrix
+        m.setattr(np.linalg, "eigvalsh", lambda *a, **k: pytest.fail("dense eigvalsh called for n = 600"))
+        bound = min_eigenvalue_bound(A)
+    exact = np.linalg.eigvalsh(A)[0]
+    assert bound <= exact and exact - bound <= 1e-8 * max(1.0, abs(exact)), (bound, exact)
+
+
+def test_psd_shift_and_exp_kernel_for_large_n_are_psd_with_the_smallest_shift():
+    S = _large_pmi(600)
+    eps = 1e-6
+    lam = np.linalg.eigvalsh(psd_shift(S, eps))[0]
+    assert eps - 1e-9 * abs(np.linalg.eigvalsh(S)[0]) <= lam <= 2 * eps  # shifted to eps, not beyond
+    for tau in (0.5, 2.0):  # exp(S / tau) is PD already at 0.5 (no shift), indefinite at 2 (lambda_min -1.28)
+        raw = np.exp(S / tau)
+        dense_shift = max(0.0, -np.linalg.eigvalsh(raw)[0]) + eps
+        np.testing.assert_allclose(exp_kernel(S, tau, eps), raw + dense_shift * np.eye(600), rtol=0, atol=1e-9)
+    minimize_energy(psd_shift(S, eps), beta=1.0, lam=1.0)  # the solver's own PSD check accepts it
