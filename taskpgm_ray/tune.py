@@ -229,6 +229,10 @@ def run_tune(cfg: Config, tasks: list[TaskData], sums: dict[str, Any], *, resume
             "weights": weights, "validation_loss": m.get(METRIC), "validation_loss_all": m.get("eval_loss_mean"),
             "validation_loss_per_task": {t.name: m.get(f"eval_loss/{t.name}") for t in tasks},
             "iterations": m.get("training_iteration"),
+            # When the trial ran (Unix seconds), from Tune's own clock: its last result's timestamp (whole
+            # seconds) less its total running time. Trials that overlap ran side by side.
+            "wall_time": ({"start": m["timestamp"] - m["time_total_s"], "end": float(m["timestamp"])}
+                          if m.get("timestamp") is not None and m.get("time_total_s") is not None else None),
             "status": "error" if r.error else ("stopped_early" if (m.get("training_iteration") or 0) < evals
                                                else "completed"),
             "error": str(r.error).splitlines()[0] if r.error else None,

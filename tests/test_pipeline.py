@@ -94,8 +94,17 @@ def test_run_directory_follows_the_contract(run_dir):
     kinds = [t["kind"] for t in results["trials"]]
     assert kinds.count("taskpgm") == 2 and {"uniform", "size", "temperature"} <= set(kinds)
     assert all({"params", "validation_loss", "status"} <= set(t) for t in results["trials"])
-    # Two 1-worker trials ran side by side on the 2-CPU cluster without deadlocking.
+    # Two 1-worker trials ran side by side on the 2-CPU cluster without deadlocking: the cap is 2, some two trials'
+    # wall-time intervals overlap by more than the 1 s rounding of Tune's timestamps, and never three at once.
     assert results["max_concurrent"] == 2
+    spans = sorted((t["wall_time"]["start"], t["wall_time"]["end"]) for t in results["trials"])
+    assert all(end > start for start, end in spans), spans
+    overlaps = [min(a[1], b[1]) - max(a[0], b[0]) for i, a in enumerate(spans) for b in spans[i + 1:]]
+    assert max(overlaps) > 2.0, spans
+    # sweep the starts and ends (each narrowed by the 1 s rounding; an end sorts before a start at the same time)
+    events = sorted([(start + 1.0, 1) for start, _ in spans] + [(end - 1.0, -1) for _, end in spans])
+    running = np.cumsum([delta for _, delta in events])  # trials running after each event
+    assert running.max() <= 2, spans
     assert results["best"]["validation_loss"] == min(
         t["validation_loss"] for t in results["trials"] if t["validation_loss"] is not None)
 
