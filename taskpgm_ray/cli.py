@@ -345,7 +345,7 @@ def solve(lik_path: str, out: str, affinity: str, jsd_path: str | None, kernel: 
     information = load_information_gain(lik_path)
     if unary == "information" and information is None:
         raise BadInput(f"{lik_path}: --unary information needs the signal arrays that `taskpgm estimate` writes "
-                         f"(base_loglik_sum, information_sum, ...); use --unary representativeness for this file")
+                       f"(base_loglik_sum, information_sum, ...); use --unary representativeness for this file")
     if prior in ("size", "temperature") and sizes is None:
         raise BadInput(f"{lik_path}: --prior {prior} needs the 'sizes' array; use --prior uniform or none")
     weights, sol, _ = solve_from_sums(loglik_sum, count, jsd_sum, jsd_count, checked, information=information,
@@ -393,7 +393,7 @@ def export(mixture_path: str, to: str, names_path: str | None, num_samples: int 
     if len(result.files) > 1 or Path(out).is_dir():  # a directory: each file under its own name
         if Path(out).exists() and not Path(out).is_dir():
             raise BadInput(f"--out {out}: --to {to} writes {' and '.join(result.files)}, so --out must be a "
-                             f"directory")
+                           f"directory")
         targets = {Path(out) / name: text for name, text in result.files.items()}
     else:
         targets = {Path(out): next(iter(result.files.values()))}

@@ -14,6 +14,9 @@ split); the metric is their mean over the scored tasks (``tasks[*].score``). Whi
 Each fine-tune is cached under ``compare/runs/`` by (method, weights, train settings, tasks, seed), so a
 re-run only trains what is new. Writes ``compare/results.json`` (CONTRACT.md), ``compare/summary.md`` and
 ``compare/compare.png``.
+
+Ray touch-points (in ``compare_command``): ``ray.put`` (the tasks, once), ``ray.remote(_fit).options`` (one task per
+fine-tune, each building a ``TorchTrainer`` through ``build_trainer``), ``ray.wait`` / ``ray.get``.
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ def run_mixtures(cfg: Config, tasks: list[TaskData], extra: list[str | Path] = (
     for path in extra:
         stem = Path(path).stem
         if stem in mixtures:
-            raise ValueError(f"--mixture {path}: its name {stem!r} clashes with a built-in method; rename the file")
+            raise BadInput(f"--mixture {path}: its name {stem!r} clashes with a built-in method; rename the file")
         m = read_mixture(str(path))
         mixtures[stem] = {"weights": m["weights"], "source": str(path)}
     return mixtures
@@ -112,8 +115,8 @@ def compare_command(cfg: Config, *, mixtures: list[str | Path] = (), seeds: list
     ``progress`` is the live line: fine-tunes finished k/n (cached ones count as finished).
 
     Raises:
-        ValueError: a task without test examples, a bad mixture file, or a train config that does not fit.
-        FileNotFoundError: the run has no TaskPGM mixture yet.
+        BadInput: a task without test examples, a bad mixture file, a train config that does not fit, or no
+            TaskPGM mixture in the run yet.
     """
     import ray
 
@@ -127,8 +130,8 @@ def compare_command(cfg: Config, *, mixtures: list[str | Path] = (), seeds: list
     tasks = load_tasks(cfg) if tasks is None else tasks
     missing = [t.name for t in tasks if not t.test]
     if missing:
-        raise ValueError(f"compare scores on each task's test split; task(s) {', '.join(map(repr, missing))} have "
-                         f"none: give them a source with a 'test' split")
+        raise BadInput(f"compare scores on each task's test split; task(s) {', '.join(map(repr, missing))} have "
+                       f"none: give them a source with a 'test' split")
     scored = [t.name for t in tasks if t.score] or [t.name for t in tasks]
     methods = run_mixtures(cfg, tasks, mixtures)
     for m in methods.values():
@@ -145,8 +148,9 @@ def compare_command(cfg: Config, *, mixtures: list[str | Path] = (), seeds: list
     have = cluster_resources()
     per_fit = tc.num_workers * tc.cpus_per_worker + FIT_CPU
     if per_fit > have["CPU"] + 1e-9:
-        raise ValueError(f"train: a fine-tune needs {per_fit:g} CPUs but the cluster has {have['CPU']:g}")
+        raise BadInput(f"train: a fine-tune needs {per_fit:g} CPUs but the cluster has {have['CPU']:g}")
     fit = ray.remote(_fit).options(num_cpus=FIT_CPU, max_retries=0)
+    tasks_ref = ray.put(tasks)  # once in the object store, not pickled into every fine-tune's arguments
 
     summaries: dict[tuple[int, str], dict] = {}
     pending: dict[Any, tuple[int, str, Path]] = {}
@@ -160,7 +164,7 @@ def compare_command(cfg: Config, *, mixtures: list[str | Path] = (), seeds: list
             if path.exists():
                 summaries[(seed, method)] = json.loads(path.read_text())
                 continue
-            pending[fit.remote(scfg, tasks, m["weights"], str(run_dir))] = (seed, method, path)
+            pending[fit.remote(scfg, tasks_ref, m["weights"], str(run_dir))] = (seed, method, path)
     progress = progress or StageProgress()
     progress.start(len(summaries) + len(pending), done=len(summaries))
     while pending:  # Ray runs as many fine-tunes side by side as the cluster's CPUs allow

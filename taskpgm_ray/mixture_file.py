@@ -128,7 +128,7 @@ def read_mixture(path: str) -> dict:
     if sizes is not None and (not isinstance(sizes, dict) or not all(
             isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in sizes.values())):
         raise BadInput(f"{path}: field 'sizes' must be an object {{task: training examples}} of whole "
-                         f"numbers >= 0, or null")
+                       f"numbers >= 0, or null")
     return doc
 
 
@@ -193,7 +193,7 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
                 a = z[key]
             except ValueError:
                 raise BadInput(f"{path}: array {key!r} holds Python objects (pickled data), which are never "
-                                 f"loaded; save names as strings and numbers as numbers") from None
+                               f"loaded; save names as strings and numbers as numbers") from None
             if not isinstance(a, np.ndarray):
                 raise BadInput(f"{path}: member {key!r} is not a .npy array ({what.split(': ', 1)[1]})")
             arrays[key] = a
@@ -303,7 +303,7 @@ def read_names(path: str) -> dict[str, str | dict]:
     for task, v in doc.items():
         if not isinstance(v, (str, dict)) or not v:
             raise BadInput(f"{path}: {task!r} must map to a dataset name or path (or, for llamafactory and "
-                             f"axolotl, a mapping of that tool's dataset keys), got {v!r}")
+                           f"axolotl, a mapping of that tool's dataset keys), got {v!r}")
     return {str(k): v for k, v in doc.items()}
 
 
@@ -315,7 +315,7 @@ def read_mean_tokens(path: str) -> dict[str, float]:
         doc = {t: tokens[t] / samples[t] for t in tokens if samples.get(t)}
     if not isinstance(doc, dict) or not doc:
         raise BadInput(f"{path}: expected a mapping `task: mean tokens per example` or a train/summary.json "
-                         f"with tokens_per_task and samples_per_task")
+                       f"with tokens_per_task and samples_per_task")
     out = {}
     for task, v in doc.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
@@ -372,7 +372,7 @@ def build_export(
         raise BadInput(f"mixture: weight_unit must be one of {WEIGHT_UNITS}, got {unit!r}")
     if num_samples is not None and to not in ("llamafactory", "axolotl"):
         raise BadInput(f"--num-samples applies to --to llamafactory and axolotl, not {to} (hf and megatron "
-                         f"sample by probability: set the training length in the trainer)")
+                       f"sample by probability: set the training length in the trainer)")
     if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
                                     or num_samples < 1):
         raise BadInput(f"--num-samples must be a whole number >= 1, got {num_samples!r}")
@@ -415,19 +415,19 @@ def _tool_names(names: dict | None, weights: dict[str, float], to: str) -> dict[
     unknown = [t for t in names if t not in weights]
     if unknown:
         raise BadInput(f"--names: task(s) {', '.join(map(repr, unknown))} not in the mixture "
-                         f"(its tasks: {', '.join(weights)})")
+                       f"(its tasks: {', '.join(weights)})")
     out, seen = {}, {}
     for task in weights:
         v = names.get(task, task)
         if isinstance(v, dict) and to not in ("llamafactory", "axolotl"):
             raise BadInput(f"--names: {task!r} maps to a mapping, but --to {to} needs a string "
-                             f"({'a data prefix' if to == 'megatron' else 'a load_dataset path or folder'})")
+                           f"({'a data prefix' if to == 'megatron' else 'a load_dataset path or folder'})")
         if not isinstance(v, (str, dict)) or not v:
             raise BadInput(f"--names: {task!r} must map to a non-empty string, got {v!r}")
         key = json.dumps(v, sort_keys=True)
         if weights[task] > 0 and key in seen:
             raise BadInput(f"--names: tasks {seen[key]!r} and {task!r} both map to {v!r}; "
-                             f"each task needs its own dataset")
+                           f"each task needs its own dataset")
         if weights[task] > 0:
             seen[key] = task
         out[task] = v
@@ -445,8 +445,8 @@ def _shares(kept: dict[str, float], unit: str, counts: str, mean_tokens: dict | 
     if missing:
         does = "blends token sequences" if counts == "tokens" else "samples examples"
         raise BadInput(f"{to} {does}, but this mixture's weights count {unit} (weight_unit: {unit}); give "
-                         f"--mean-tokens FILE (task: mean tokens per example, or a run's train/summary.json) "
-                         f"to convert; missing for {', '.join(missing)}")
+                       f"--mean-tokens FILE (task: mean tokens per example, or a run's train/summary.json) "
+                       f"to convert; missing for {', '.join(missing)}")
     # A share of examples w_i draws w_i * m_i tokens; a share of tokens w_i needs w_i / m_i examples.
     raw = {t: w * mean_tokens[t] if counts == "tokens" else w / mean_tokens[t] for t, w in kept.items()}
     total = sum(raw.values())
@@ -472,8 +472,8 @@ def _budget(ctx: _Context) -> tuple[dict[str, int], str]:
         unknown = [t for t in ctx.shares if not _size(ctx.sizes, t)]
         if unknown:
             raise BadInput(f"{ctx.to} export needs --num-samples N (the examples to train on in all), or the "
-                             f"mixture's 'sizes' to default to the most examples that repeat none; no size for "
-                             f"task(s) {', '.join(unknown)}")
+                           f"mixture's 'sizes' to default to the most examples that repeat none; no size for "
+                           f"task(s) {', '.join(unknown)}")
         # The largest budget at which no task needs more examples than it has: min_i N_i / share_i.
         total = min(math.floor(ctx.sizes[t] / s + 1e-9) for t, s in ctx.shares.items())
         how = f"{total:,} examples in all, the most that repeat no example (--num-samples to change)"
@@ -545,7 +545,7 @@ def _export_llamafactory(ctx: _Context) -> MixtureExport:
         entry = dict(v) if isinstance(v, dict) else {"file_name": v, "columns": dict(_LLAMAFACTORY_COLUMNS)}
         if not any(k in entry for k in _LLAMAFACTORY_SOURCES):
             raise BadInput(f"--names: the dataset_info.json entry for {task!r} needs one of "
-                             f"{', '.join(_LLAMAFACTORY_SOURCES)}")
+                           f"{', '.join(_LLAMAFACTORY_SOURCES)}")
         entry["num_samples"] = n
         entries[task] = entry
     info = json.dumps(entries, indent=2) + "\n"
@@ -624,7 +624,7 @@ def _export_axolotl(ctx: _Context) -> MixtureExport:
     unknown = [t for t in ctx.shares if not _size(ctx.sizes, t)]
     if unknown:
         raise BadInput(f"axolotl export needs each task's number of training examples (the mixture's "
-                         f"'sizes'), to cut shards from it; no size for task(s) {', '.join(unknown)}")
+                       f"'sizes'), to cut shards from it; no size for task(s) {', '.join(unknown)}")
     counts, how = _budget(ctx)
     entries, lines = [], []
     for task, n in counts.items():
@@ -674,7 +674,7 @@ def _export_megatron(ctx: _Context) -> MixtureExport:
         prefix = ctx.names[task]
         if any(c.isspace() for c in prefix):
             raise BadInput(f"megatron: the prefix of {task!r} ({prefix!r}) has whitespace, which Megatron "
-                             f"splits on")
+                           f"splits on")
         pairs.append((repr(share), prefix))
     comments = ctx.comments("Megatron-LM: --data-path, or write it with --out for --data-args-path.", [
         "Pairs of (weight, prefix); a prefix is a .bin/.idx pair's path without the extension",

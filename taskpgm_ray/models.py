@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from taskpgm_ray.config import Config, ModelConfig
+from taskpgm_ray.errors import BadInput
 
 if TYPE_CHECKING:
     import torch
@@ -207,15 +208,15 @@ def chat_parts(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str) -
             the prompt followed by the answer.
     """
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"model.chat_template: true but the tokenizer {tokenizer.name_or_path or ''!r} has no chat "
-                         f"template; set model.chat_template: false or use a tokenizer that has one")
+        raise BadInput(f"model.chat_template: true but the tokenizer {tokenizer.name_or_path or ''!r} has no chat "
+                       f"template; set model.chat_template: false or use a tokenizer that has one")
     user = [{"role": "user", "content": prompt}]
     head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
     if not full.startswith(head):
-        raise ValueError("model.chat_template: the tokenizer's chat template does not write the conversation as its "
-                         "prompt (with the generation prompt) followed by the answer, so the answer's tokens cannot "
-                         "be told apart; set model.chat_template: false")
+        raise BadInput("model.chat_template: the tokenizer's chat template does not write the conversation as its "
+                       "prompt (with the generation prompt) followed by the answer, so the answer's tokens cannot "
+                       "be told apart; set model.chat_template: false")
     p = tokenizer(head, add_special_tokens=False)["input_ids"]
     r = tokenizer(full[len(head):], add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in r:

@@ -237,7 +237,7 @@ class Pipeline:
         if until is not None:
             names = [st.name for st in stages]
             if until not in names:
-                raise ValueError(f"unknown stage {until!r}; stages: {', '.join(names)}")
+                raise BadInput(f"unknown stage {until!r}; stages: {', '.join(names)}")
             stages = stages[: names.index(until) + 1]
         try:
             for stage in stages:

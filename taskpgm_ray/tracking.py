@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from taskpgm_ray.config import TrackingConfig
+from taskpgm_ray.errors import BadInput
 
 GROUP_FILE = "wandb_group.txt"  # in the run directory: the W&B group of every run the pipeline makes
 DEFAULT_MODE = "offline"
@@ -55,8 +56,8 @@ def _env_mode() -> str:
     if not value:
         return DEFAULT_MODE
     if value not in ENV_MODES:
-        raise ValueError(f"WANDB_MODE={value!r} in the environment: expected online, offline or disabled "
-                         f"(or set tracking.wandb in the config)")
+        raise BadInput(f"WANDB_MODE={value!r} in the environment: expected online, offline or disabled "
+                       f"(or set tracking.wandb in the config)")
     return ENV_MODES[value]
 
 
@@ -81,7 +82,7 @@ def run_group(run_dir: str | os.PathLike) -> str:
             tmp.unlink()
     group = path.read_text().strip()
     if not group:
-        raise ValueError(f"{path} is empty: delete it (a new W&B group is made) or write the group to use in it")
+        raise BadInput(f"{path} is empty: delete it (a new W&B group is made) or write the group to use in it")
     return group
 
 
@@ -115,8 +116,8 @@ def wandb_env(cfg: TrackingConfig) -> dict[str, str]:
     """Environment for W&B in this mode; ``online`` without ``WANDB_API_KEY`` is an error, not a prompt."""
     mode = cfg.wandb or _env_mode()
     if mode == "online" and not os.environ.get("WANDB_API_KEY"):
-        raise ValueError("tracking.wandb: 'online' needs WANDB_API_KEY in the environment "
-                         "(or use 'offline' and `wandb sync` later)")
+        raise BadInput("tracking.wandb: 'online' needs WANDB_API_KEY in the environment "
+                       "(or use 'offline' and `wandb sync` later)")
     return {"WANDB_MODE": mode, "WANDB_SILENT": "true"}
 
 

@@ -5,6 +5,15 @@ unchanged Ray Train + DeepSpeed trainer for ``tune.trial_steps`` (default: the f
 the mean validation loss over the scored tasks (``tasks[*].score``), which is what trials are ranked by.
 RAY_NOTES: a trial is a function that builds a ``TorchTrainer`` and calls ``.fit()``; trial drivers take
 almost no CPU and concurrency is capped by the cluster, so a 2-core machine never deadlocks.
+
+Ray touch-points:
+  ``tune.with_parameters`` / ``with_resources``  cfg, tasks, sums and the examples' reference to every trial;
+                                                 ``TRIAL_CPU`` for the trial driver
+  ``tune.Tuner`` (``Tuner.restore``)     the search: ``BasicVariantGenerator`` or ``OptunaSearch`` capped by
+                                         ``max_concurrent``, ``ASHAScheduler``; ``--resume`` restores it
+  ``_trial``                             ``build_trainer(callbacks=[TuneReportCallback()]).fit()``,
+                                         ``tune.get_context().get_trial_id()``
+  ``tune.Callback``                      the live line (``trial_progress``), on the driver
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import numpy as np
 
 from taskpgm_ray.config import Config, EnergyConfig
 from taskpgm_ray.console import StageProgress
+from taskpgm_ray.errors import BadInput
 from taskpgm_ray.io import atomic_write_json
 from taskpgm_ray.tasks import TaskData
 
@@ -101,8 +111,11 @@ def trial_weights(params: dict[str, Any], sums: dict[str, Any], cfg: Config,
 
 
 def _trial(params: dict[str, Any], *, cfg: Config, tasks: list[TaskData], sums: dict[str, Any],
-           run_dir: str) -> None:
-    """One Tune trial: solve (cheap), then a short Ray Train + DeepSpeed fine-tune reporting to Tune."""
+           run_dir: str, task_data: list[Any]) -> None:
+    """One Tune trial: solve (cheap), then a short Ray Train + DeepSpeed fine-tune reporting to Tune.
+
+    ``task_data[0]`` is the examples' object-store reference (``put_task_data``), put once for every trial; it is
+    wrapped in a list because ``tune.with_parameters`` resolves a bare reference to its value."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -119,7 +132,7 @@ def _trial(params: dict[str, Any], *, cfg: Config, tasks: list[TaskData], sums: 
     trial_dir = Path(run_dir) / "tune" / "trials" / tune.get_context().get_trial_id()
     trainer = build_trainer(cfg, tasks, weights, run_dir=str(trial_dir), name="train",
                             steps=trial_steps(cfg), num_workers=cfg.tune.trial_workers,
-                            callbacks=[TuneReportCallback()])
+                            callbacks=[TuneReportCallback()], task_data=task_data[0])
     trainer.fit()
 
 
@@ -138,8 +151,8 @@ def max_concurrent_trials(cfg: Config) -> int:
     if cfg.train.use_gpu:
         fit = min(fit, math.floor(have["GPU"] / cfg.tune.trial_workers + 1e-9))
     if fit < 1:
-        raise ValueError(f"tune.trial_workers: a trial needs {per_trial_cpu:g} CPUs for its Train workers but the "
-                         f"cluster has {have['CPU']:g}; lower tune.trial_workers or tune.trial_cpus_per_worker")
+        raise BadInput(f"tune.trial_workers: a trial needs {per_trial_cpu:g} CPUs for its Train workers but the "
+                       f"cluster has {have['CPU']:g}; lower tune.trial_workers or tune.trial_cpus_per_worker")
     # More than fits would leave trial drivers holding CPUs their Train workers wait for: a hang, not a speed-up.
     return min(cfg.tune.max_concurrent, fit) if cfg.tune.max_concurrent else fit
 
@@ -182,6 +195,7 @@ def run_tune(cfg: Config, tasks: list[TaskData], sums: dict[str, Any], *, resume
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from taskpgm_ray.distributed.cluster import init_ray
+    from taskpgm_ray.train.launch import put_task_data
 
     init_ray()
     out = Path(cfg.output_dir).resolve()
@@ -200,8 +214,11 @@ def run_tune(cfg: Config, tasks: list[TaskData], sums: dict[str, Any], *, resume
     evals = min(cfg.tune.trial_evals, trial_steps(cfg))
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(evals, cfg.tune.asha_grace),
                               grace_period=cfg.tune.asha_grace, reduction_factor=2)
+    # The examples go to the object store once; every trial's Train workers fetch them by reference.
+    task_data = [put_task_data(tasks)]  # in a list: with_parameters would hand a bare reference over resolved
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, cfg=cfg, tasks=tasks, sums=sums, run_dir=str(out)), {"cpu": TRIAL_CPU})
+        tune.with_parameters(_trial, cfg=cfg, tasks=tasks, sums=sums, run_dir=str(out), task_data=task_data),
+        {"cpu": TRIAL_CPU})
     storage = out / "tune" / "ray"
     started = time.time()
     total = None if cfg.tune.search == "grid" else n_taskpgm + len(points)

@@ -188,6 +188,27 @@ def expected(base):
             "tokens_per_task": tokens}
 
 
+@pytest.mark.ray
+def test_the_examples_travel_by_reference_not_inside_the_train_loop_config(ray_cluster, base):
+    import pickle
+
+    import ray
+    import ray.cloudpickle
+
+    from taskpgm_ray.train import build_trainer
+
+    cfg, tasks, root = base
+    loop_config = build_trainer(cfg, tasks, WEIGHTS, run_dir=root / "by-reference").train_loop_config
+    sent = ray.cloudpickle.dumps(loop_config)  # what every worker and every restart receives
+    text = pickle.dumps([(ex.id, ex.prompt, ex.response) for t in tasks for ex in (*t.train, *t.eval)])
+    assert len(sent) < 20_000 < len(text), (len(sent), len(text))
+    assert not any(ex.prompt.encode() in sent for t in tasks for ex in t.train[:5])
+    data = ray.get(loop_config["task_data"])  # the examples, once, in the object store
+    assert [d["name"] for d in data] == loop_config["task_names"] == [t.name for t in tasks]
+    assert all(d["train"] == [(ex.id, ex.prompt, ex.response) for ex in t.train] and
+               d["eval"] == [(ex.id, ex.prompt, ex.response) for ex in t.eval] for d, t in zip(data, tasks))
+
+
 def _decreases(curve: list[float]) -> bool:
     return len(curve) == STEPS and np.mean(curve[-2:]) < np.mean(curve[:2]) - 0.3
 

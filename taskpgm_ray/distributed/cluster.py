@@ -1,8 +1,16 @@
-"""Connecting to Ray: one code path for a local single-node cluster (tests, test mode) and a real cluster."""
+"""Connecting to Ray: one code path for a local single-node cluster (tests, test mode) and a real cluster.
+
+Ray touch-points:
+  ``ray.init``                           join ``RAY_ADDRESS`` (a submitted job) or start a local cluster on 127.0.0.1
+  ``worker_process_setup_hook``          ``pin_cluster_address`` on every worker (``ray.get_runtime_context``)
+  ``ray.cluster_resources``              what the stages may ask for (``require_resources``)
+"""
 
 from __future__ import annotations
 
 import os
+
+from taskpgm_ray.errors import BadInput
 
 # Environment that must reach every worker (RAY_NOTES: WANDB_MODE must be set on the workers too).
 PROPAGATED_ENV = (
@@ -66,8 +74,8 @@ def require_resources(what: str, *, cpus: float, gpus: float) -> None:
     """Raise a clear ``ValueError`` when ``what`` asks for more than the whole cluster has (Ray would hang)."""
     have = cluster_resources()
     if gpus > have["GPU"] + 1e-9:
-        raise ValueError(f"{what} needs {gpus:g} GPU(s) but the Ray cluster has {have['GPU']:g}; "
-                         f"lower the GPU settings or add GPU nodes")
+        raise BadInput(f"{what} needs {gpus:g} GPU(s) but the Ray cluster has {have['GPU']:g}; "
+                       f"lower the GPU settings or add GPU nodes")
     if cpus > have["CPU"] + 1e-9:
-        raise ValueError(f"{what} needs {cpus:g} CPU(s) but the Ray cluster has {have['CPU']:g}; "
-                         f"lower the worker/actor counts or add nodes")
+        raise BadInput(f"{what} needs {cpus:g} CPU(s) but the Ray cluster has {have['CPU']:g}; "
+                       f"lower the worker/actor counts or add nodes")

@@ -7,6 +7,11 @@ reported by name, after the adapters that did finish are on disk.
 
 LoRA adapts ``probes.target_modules``, or when that is null the attention projections of the model's family
 (``LORA_TARGETS``), or for a family not listed every linear layer but the output layer.
+
+Ray touch-points (all in ``probe_command``):
+  ``ray.remote(train_probe).options``    one task per probe, ``probes.num_cpus``/``num_gpus``, ``max_retries``
+  ``ray.wait`` / ``ray.get``             each adapter recorded as it finishes
+  ``ray.exceptions.RayError``            a probe that still failed after its retries, reported by task name
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from taskpgm_ray.config import Config, ModelConfig, ProbeConfig
 from taskpgm_ray.console import StageProgress
+from taskpgm_ray.errors import BadInput
 from taskpgm_ray.tasks import TaskData
 
 if TYPE_CHECKING:
@@ -129,16 +135,16 @@ def lora_targets(model: torch.nn.Module, requested: list[str] | None) -> list[st
         names = [n for n, _ in model.named_modules()]
         missing = [t for t in requested if not any(_matches(n, t) for n in names)]
         if missing:
-            raise ValueError(f"probes.target_modules: no module of {arch} matches {', '.join(map(repr, missing))}; "
-                             f"its linear layers: {_summary(model, linear)}")
+            raise BadInput(f"probes.target_modules: no module of {arch} matches {', '.join(map(repr, missing))}; "
+                           f"its linear layers: {_summary(model, linear)}")
         return list(requested)
     family = LORA_TARGETS.get(model_type or "")
     if family and all(any(_matches(n, t) for n in linear) for t in family):
         return list(family)
     if not linear:
-        raise ValueError(f"probes.target_modules: cannot detect LoRA targets for {arch}: no linear layer besides the "
-                         f"output layer; modules found: {_summary(model)}; name the modules to adapt in "
-                         f"probes.target_modules (or set probes.full_finetune: true)")
+        raise BadInput(f"probes.target_modules: cannot detect LoRA targets for {arch}: no linear layer besides the "
+                       f"output layer; modules found: {_summary(model)}; name the modules to adapt in "
+                       f"probes.target_modules (or set probes.full_finetune: true)")
     return sorted({n.rsplit(".", 1)[-1] for n in linear})
 
 

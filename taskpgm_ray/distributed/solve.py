@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from taskpgm_ray.config import EnergyConfig
+from taskpgm_ray.errors import BadInput
 
 
 def affinity_from_sums(loglik_sum: np.ndarray, count: np.ndarray, jsd_sum: np.ndarray | None,
@@ -30,7 +31,7 @@ def affinity_from_sums(loglik_sum: np.ndarray, count: np.ndarray, jsd_sum: np.nd
         return pmi_affinity(np.asarray(loglik_sum, dtype=np.float64) / count[None, :])
     if affinity == "jsd":
         if jsd_sum is None or jsd_count is None:
-            raise ValueError("energy.affinity 'jsd' needs JSD sums: run estimation with estimation.jsd: true")
+            raise BadInput("energy.affinity 'jsd' needs JSD sums: run estimation with estimation.jsd: true")
         tokens = np.asarray(jsd_count, dtype=np.float64)
         if np.any(tokens <= 0):
             raise ValueError("energy.affinity 'jsd': no probe tokens were scored")
@@ -50,9 +51,9 @@ def weight_caps(sizes: Sequence[int], repetition_cap: float | None, examples_bud
         return None
     caps = np.minimum(1.0, repetition_cap * np.asarray(sizes, dtype=np.float64) / max(1, examples_budget))
     if caps.sum() < 1.0 - 1e-9:
-        raise ValueError(f"train.repetition_cap {repetition_cap:g}: {examples_budget} training examples need "
-                         f"{examples_budget / max(1, sum(sizes)):.3g} epochs of all the data; raise the cap or "
-                         f"lower train.steps")
+        raise BadInput(f"train.repetition_cap {repetition_cap:g}: {examples_budget} training examples need "
+                       f"{examples_budget / max(1, sum(sizes)):.3g} epochs of all the data; raise the cap or "
+                       f"lower train.steps")
     return caps
 
 
@@ -91,7 +92,7 @@ def solve_from_sums(loglik_sum: np.ndarray, count: np.ndarray, jsd_sum: np.ndarr
     jsd_mean = None
     if e.affinity == "jsd":
         if jsd_sum is None or jsd_count is None or np.any(np.asarray(jsd_count, dtype=np.float64) <= 0):
-            raise ValueError("energy.affinity 'jsd' needs JSD sums: run estimation with estimation.jsd: true")
+            raise BadInput("energy.affinity 'jsd' needs JSD sums: run estimation with estimation.jsd: true")
         jsd_mean = np.asarray(jsd_sum, dtype=np.float64) / np.asarray(jsd_count, dtype=np.float64)
     upper = e.max_weight
     if max_weights is not None:

@@ -2,6 +2,12 @@
 
 ``build_trainer`` is the one piece Tune reuses unchanged: a Tune trial builds a trainer with
 ``callbacks=[TuneReportCallback()]`` and calls ``.fit()``.
+
+Ray touch-points:
+  ``ray.put``                            the tasks' examples, once (``put_task_data``); workers get a reference
+  ``TorchTrainer``                       ``ScalingConfig`` (workers, GPUs, CPUs each), ``RunConfig`` (fixed name and
+                                         storage path: a re-run resumes; ``FailureConfig``, ``CheckpointConfig``)
+  ``trainer.fit()``                      ``Result.return_value`` (rank 0's summary), ``Result.checkpoint`` (the model)
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from taskpgm_ray.console import StageProgress
 from taskpgm_ray.train.validation import read_mixture_weights, validate_mixture
 
 if TYPE_CHECKING:
+    from ray import ObjectRef
     from ray.train.torch import TorchTrainer
 
     from taskpgm_ray.tasks import TaskData
@@ -31,7 +38,7 @@ PROGRESS_FILE = "progress.json"  # under <run_dir>/train: rank 0's step, loss, e
 
 def build_trainer(cfg: Config, tasks: list[TaskData], weights: Mapping[str, float], *, run_dir: str | os.PathLike,
                   name: str = "train", steps: int | None = None, num_workers: int | None = None,
-                  callbacks: Sequence[Any] = (), eval_split: str = "eval",
+                  callbacks: Sequence[Any] = (), eval_split: str = "eval", task_data: ObjectRef | None = None,
                   recipe: type[MixtureFinetune] | None = None) -> TorchTrainer:
     """A Ray Train ``TorchTrainer`` that fine-tunes ``cfg.model`` on the mixture ``weights``.
 
@@ -45,6 +52,8 @@ def build_trainer(cfg: Config, tasks: list[TaskData], weights: Mapping[str, floa
         callbacks: Ray Train callbacks, e.g. ``[ray.tune.integration.ray_train.TuneReportCallback()]``.
         eval_split: ``"eval"``, ``"probe"`` or ``"test"`` (the held-out split evaluated and reported; ``test`` is
             for `taskpgm compare`, which no selection sees).
+        task_data: ``put_task_data(tasks, eval_split)`` already in the object store (Tune puts it once for all its
+            trials); by default this call puts it.
         recipe: the per-worker recipe class, ``MixtureFinetune`` by default; a test passes a subclass that fails
             once mid-run (recovery through FailureConfig), a benchmark one with another sampler.
 
@@ -67,6 +76,8 @@ def build_trainer(cfg: Config, tasks: list[TaskData], weights: Mapping[str, floa
     cfg = dataclasses.replace(cfg, train=tc)
     ordered = validate_mixture(weights, tasks, cfg)
     run_dir = Path(run_dir).resolve()
+    if task_data is None:
+        task_data = put_task_data(tasks, eval_split)
     loop_config = {
         "name": name,
         "train": tc,
@@ -74,9 +85,8 @@ def build_trainer(cfg: Config, tasks: list[TaskData], weights: Mapping[str, floa
         "tracking": resolve_tracking(cfg.tracking, run_dir),  # W&B mode, project, group settled on the driver
         "ds_config": deepspeed_config(tc, world_size=tc.num_workers, on_gpu=tc.use_gpu),
         "tokenizer_path": str(ensure_run_tokenizer(cfg.model, cfg.output_dir).resolve()),
-        "tasks": [{"name": t.name,
-                   "train": [(ex.id, ex.prompt, ex.response) for ex in t.train],
-                   "eval": [(ex.id, ex.prompt, ex.response) for ex in getattr(t, eval_split)]} for t in tasks],
+        "task_names": [t.name for t in tasks],
+        "task_data": task_data,  # a reference: the examples stay in the object store, out of this config
         "weights": [ordered[t.name] for t in tasks],
         "scored": [getattr(t, "score", True) for t in tasks],
         "eval_split": eval_split,
@@ -98,6 +108,21 @@ def build_trainer(cfg: Config, tasks: list[TaskData], weights: Mapping[str, floa
             worker_runtime_env={"env_vars": worker_env()},
         ),
     )
+
+
+def put_task_data(tasks: list[TaskData], eval_split: str = "eval") -> ObjectRef:
+    """Every task's training examples and ``eval_split`` examples, ``(id, prompt, response)`` each, put once in
+    Ray's object store.
+
+    Train workers fetch them by reference (``ray.get`` in ``MixtureFinetune._setup_data``), so the text is stored
+    once per node instead of pickled into ``train_loop_config`` for every worker, every restart and every Tune
+    trial. The same call serves a local test cluster and a multi-node one: no shared file system needed.
+    """
+    import ray
+
+    return ray.put([{"name": t.name,
+                     "train": [(ex.id, ex.prompt, ex.response) for ex in t.train],
+                     "eval": [(ex.id, ex.prompt, ex.response) for ex in getattr(t, eval_split)]} for t in tasks])
 
 
 def run_training(cfg: Config, tasks: list[TaskData], weights: Mapping[str, float], *,

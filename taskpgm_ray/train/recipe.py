@@ -1,9 +1,11 @@
 """Stage 6 on every Ray Train worker: the mixture fine-tune recipe, ``setup -> train -> cleanup``.
 
 Everything a worker needs arrives in ``train_loop_config`` (built by ``launch.build_trainer``): the train,
-model and tracking configs, the DeepSpeed config, the tokenizer path, the tasks and the mixture weights.
+model and tracking configs, the DeepSpeed config, the tokenizer path, the task names, the mixture weights, and a
+reference to the examples in Ray's object store (``launch.put_task_data``), never the examples themselves.
 
 The Ray and DeepSpeed touch points, numbered as in the code:
+  [0] ``ray.get(config["task_data"])``  the tasks' examples, from the object store
   [1] ``ray.train.get_context()``      rank and world size
   [2] ``deepspeed.initialize``          wraps model, torch AdamW and LR schedule (Ray already made the process group)
   [3] ``ray.train.get_checkpoint``      + ``engine.load_checkpoint``: resume after a failure or a re-run
@@ -67,7 +69,7 @@ class MixtureFinetune:
 
         self.config = config
         self.tc = config["train"]                      # TrainConfig (steps already overridden)
-        self.task_names: list[str] = [t["name"] for t in config["tasks"]]
+        self.task_names: list[str] = list(config["task_names"])
         ctx = ray.train.get_context()                  # [1]
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.is_rank_zero = self.rank == 0
@@ -102,20 +104,25 @@ class MixtureFinetune:
                   flush=True)
 
     def _setup_data(self) -> None:
-        """Tokenize every training and eval example once (the same on every rank: tokenizing is deterministic)."""
+        """Fetch the examples and tokenize each once (the same on every rank: tokenizing is deterministic)."""
+        import ray
+
+        tasks = ray.get(self.config["task_data"])  # [0]
+        if [t["name"] for t in tasks] != self.task_names:
+            raise RuntimeError("task_data holds other tasks than task_names: build the config with build_trainer")
         self.tokenizer = load_tokenizer(self.config["tokenizer_path"])
         max_length, chat = self.config["model"].max_length, self.config["model"].chat_template
         encode = functools.partial(encode_example, self.tokenizer, max_length=max_length, chat_template=chat)
         self.train_ids: list[list[str]] = []
         self.train_encoded: list[list[tuple[list[int], list[int]]]] = []
-        for task in self.config["tasks"]:
+        for task in tasks:
             self.train_ids.append([ex_id for ex_id, _, _ in task["train"]])
             self.train_encoded.append([encode(p, r) for _, p, r in task["train"]])
         lengths = [np.array([len(ids) for ids, _ in enc], dtype=np.int64) for enc in self.train_encoded]
         self.mean_tokens = np.array([x.mean() if len(x) else 0.0 for x in lengths])
         self.task_offsets = np.concatenate([[0], np.cumsum([len(x) for x in lengths])]).astype(np.int64)
         self.flat_lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
-        self.eval_sets = [[(encode(p, r), r) for _, p, r in task["eval"]] for task in self.config["tasks"]]
+        self.eval_sets = [[(encode(p, r), r) for _, p, r in task["eval"]] for task in tasks]
 
     def _setup_sampler(self) -> None:
         sizes = [len(enc) for enc in self.train_encoded]
