@@ -226,7 +226,8 @@ def zero2(ray_cluster, base):
     with pytest.raises(TrainingFailedError):
         _run(base, "zero2", train={"zero_stage": 2, "max_failures": 0}, recipe=_failing_once(6, marker))
     assert marker.exists() and _checkpoint_steps(run_dir) == [4]  # it died between the two checkpoints
-    resumed, _ = _run(base, "zero2", train={"zero_stage": 2}, tracking=TrackingConfig(wandb="offline"))
+    resumed, _ = _run(base, "zero2", train={"zero_stage": 2}, tracking=TrackingConfig(wandb="offline"),
+                      final_test=True)
     straight, straight_dir = _run(base, "zero2-uninterrupted", train={"zero_stage": 2})
     return resumed, run_dir, straight, straight_dir
 
@@ -296,6 +297,15 @@ def test_zero2_resumed_run_learns_and_sees_the_exact_sample_stream(base, zero2, 
     for name, w in WEIGHTS.items():
         assert abs(summary["samples_per_task"][name] - w * n) <= 4 * np.sqrt(w * n) + 1, name
     assert list((run_dir / "wandb").glob("offline-run-*")), "no offline W&B run"
+    # the selection metric over the scored tasks, and the final model on the test split (which nothing selects on)
+    cfg, tasks, _ = base
+    scored = [t.name for t in tasks if t.score]
+    assert len(scored) < len(tasks)  # noise_a is not scored in the test config
+    for split in ("eval", "test"):
+        per_task = summary[f"{split}_loss_per_task"]
+        assert set(per_task) == {t.name for t in tasks}, split
+        assert summary[f"{split}_loss_scored"] == pytest.approx(np.mean([per_task[n] for n in scored])), split
+    assert summary["test_loss_per_task"] != summary["eval_loss_per_task"]
 
 
 @pytest.mark.ray
@@ -328,6 +338,11 @@ def _assert_reloaded_model_scores_as_reported(base, summary: dict, run_dir: Path
     again = evaluate_model(model, tok, sets, [t.name for t in tasks])
     assert again["eval_loss_mean"] == pytest.approx(summary["eval_loss_mean"], abs=1e-4)
     assert again["eval_accuracy_per_task"] == summary["eval_accuracy_per_task"]
+    if "test_loss_mean" in summary:  # scored on the test split after the last step: the same model
+        test_sets = [[(encode_example(tok, e.prompt, e.response, cfg.model.max_length), e.response) for e in t.test]
+                     for t in tasks]
+        on_test = evaluate_model(model, tok, test_sets, [t.name for t in tasks])
+        assert on_test["eval_loss_mean"] == pytest.approx(summary["test_loss_mean"], abs=1e-4)
 
 
 @pytest.mark.ray

@@ -38,8 +38,8 @@ PROGRESS_FILE = "progress.json"  # under <run_dir>/train: rank 0's step, loss, e
 
 def build_trainer(cfg: Config, tasks: list[TaskData], weights: Mapping[str, float], *, run_dir: str | os.PathLike,
                   name: str = "train", steps: int | None = None, num_workers: int | None = None,
-                  callbacks: Sequence[Any] = (), eval_split: str = "eval", task_data: ObjectRef | None = None,
-                  recipe: type[MixtureFinetune] | None = None) -> TorchTrainer:
+                  callbacks: Sequence[Any] = (), eval_split: str = "eval", final_test: bool = False,
+                  task_data: ObjectRef | None = None, recipe: type[MixtureFinetune] | None = None) -> TorchTrainer:
     """A Ray Train ``TorchTrainer`` that fine-tunes ``cfg.model`` on the mixture ``weights``.
 
     Args:
@@ -52,8 +52,10 @@ def build_trainer(cfg: Config, tasks: list[TaskData], weights: Mapping[str, floa
         callbacks: Ray Train callbacks, e.g. ``[ray.tune.integration.ray_train.TuneReportCallback()]``.
         eval_split: ``"eval"``, ``"probe"`` or ``"test"`` (the held-out split evaluated and reported; ``test`` is
             for `taskpgm compare`, which no selection sees).
-        task_data: ``put_task_data(tasks, eval_split)`` already in the object store (Tune puts it once for all its
-            trials); by default this call puts it.
+        final_test: after the last step, also score the final model on each task's test split (the summary's
+            ``test_*`` fields): the run's figure that no selection saw. Off for Tune's trials, which select.
+        task_data: ``put_task_data(tasks, eval_split, test=final_test)`` already in the object store (Tune puts it
+            once for all its trials); by default this call puts it.
         recipe: the per-worker recipe class, ``MixtureFinetune`` by default; a test passes a subclass that fails
             once mid-run (recovery through FailureConfig), a benchmark one with another sampler.
 
@@ -77,7 +79,7 @@ def build_trainer(cfg: Config, tasks: list[TaskData], weights: Mapping[str, floa
     ordered = validate_mixture(weights, tasks, cfg)
     run_dir = Path(run_dir).resolve()
     if task_data is None:
-        task_data = put_task_data(tasks, eval_split)
+        task_data = put_task_data(tasks, eval_split, test=final_test)
     loop_config = {
         "name": name,
         "train": tc,
@@ -90,6 +92,7 @@ def build_trainer(cfg: Config, tasks: list[TaskData], weights: Mapping[str, floa
         "weights": [ordered[t.name] for t in tasks],
         "scored": [getattr(t, "score", True) for t in tasks],
         "eval_split": eval_split,
+        "final_test": final_test,
         "run_dir": str(run_dir),
         "recipe": recipe,  # None: MixtureFinetune
         "progress_path": str(run_dir / "train" / PROGRESS_FILE),
@@ -110,9 +113,9 @@ def build_trainer(cfg: Config, tasks: list[TaskData], weights: Mapping[str, floa
     )
 
 
-def put_task_data(tasks: list[TaskData], eval_split: str = "eval") -> ObjectRef:
-    """Every task's training examples and ``eval_split`` examples, ``(id, prompt, response)`` each, put once in
-    Ray's object store.
+def put_task_data(tasks: list[TaskData], eval_split: str = "eval", *, test: bool = False) -> ObjectRef:
+    """Every task's training examples and ``eval_split`` examples (and test examples if ``test``), ``(id, prompt,
+    response)`` each, put once in Ray's object store.
 
     Train workers fetch them by reference (``ray.get`` in ``MixtureFinetune._setup_data``), so the text is stored
     once per node instead of pickled into ``train_loop_config`` for every worker, every restart and every Tune
@@ -120,9 +123,11 @@ def put_task_data(tasks: list[TaskData], eval_split: str = "eval") -> ObjectRef:
     """
     import ray
 
-    return ray.put([{"name": t.name,
-                     "train": [(ex.id, ex.prompt, ex.response) for ex in t.train],
-                     "eval": [(ex.id, ex.prompt, ex.response) for ex in getattr(t, eval_split)]} for t in tasks])
+    def rows(examples: list) -> list[tuple[str, str, str]]:
+        return [(ex.id, ex.prompt, ex.response) for ex in examples]
+
+    return ray.put([{"name": t.name, "train": rows(t.train), "eval": rows(getattr(t, eval_split)),
+                     **({"test": rows(t.test)} if test else {})} for t in tasks])
 
 
 def run_training(cfg: Config, tasks: list[TaskData], weights: Mapping[str, float], *,
@@ -185,6 +190,9 @@ def train_command(cfg: Config, mixture_path: str | os.PathLike, *,
                   tasks: list[TaskData] | None = None, progress: StageProgress | None = None) -> dict[str, Any]:
     """``taskpgm train CONFIG --mixture M.json``: load tasks (unless given), check the mixture, train; the summary.
 
+    The final model is also scored on each task's test split (``test_loss_scored`` and the other ``test_*``
+    fields): Tune selected on the validation split, so the test figure is the one no selection saw.
+
     ``progress`` is the stage's live line (step, loss, eval loss, tokens/s).
     """
     from taskpgm_ray.models import ensure_run_tokenizer
@@ -194,7 +202,7 @@ def train_command(cfg: Config, mixture_path: str | os.PathLike, *,
     weights = read_mixture_weights(mixture_path)
     validate_mixture(weights, tasks, cfg)
     ensure_run_tokenizer(cfg.model, cfg.output_dir)
-    return run_training(cfg, tasks, weights, run_dir=cfg.output_dir, progress=progress)
+    return run_training(cfg, tasks, weights, run_dir=cfg.output_dir, progress=progress, final_test=True)
 
 
 def _install_final_model(source: Path, target: Path, cfg: Config) -> None:

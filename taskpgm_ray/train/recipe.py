@@ -123,6 +123,11 @@ class MixtureFinetune:
         self.task_offsets = np.concatenate([[0], np.cumsum([len(x) for x in lengths])]).astype(np.int64)
         self.flat_lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
         self.eval_sets = [[(encode(p, r), r) for _, p, r in task["eval"]] for task in tasks]
+        # The final model's test scores (``final_test``): only tasks that have a test split.
+        with_test = [i for i, task in enumerate(tasks) if task.get("test")] if self.config.get("final_test") else []
+        self.test_names = [self.task_names[i] for i in with_test]
+        self.test_sets = [[(encode(p, r), r) for _, p, r in tasks[i]["test"]] for i in with_test]
+        self.test_result: dict[str, Any] = {}
 
     def _setup_sampler(self) -> None:
         sizes = [len(enc) for enc in self.train_encoded]
@@ -238,6 +243,8 @@ class MixtureFinetune:
         if not reported_final:  # resumed from the final checkpoint: report it again so the driver gets the model
             self._evaluate_and_report(self.loss_curve[-1] if self.loss_curve else float("nan"),
                                       self.engine.get_lr()[0], checkpoint=True, final=True)
+        if self.test_sets:  # after every report: nothing selects on these numbers
+            self.test_result = self._evaluate(self.test_sets, self.test_names)
         return self._summary() if self.is_rank_zero else None
 
     def _train_step(self) -> float:
@@ -308,16 +315,11 @@ class MixtureFinetune:
 
     def _evaluate_and_report(self, loss: float, lr: float, *, checkpoint: bool, final: bool) -> None:
         t0 = time.perf_counter()
-        result = evaluate_model(self.engine.module, self.tokenizer, self.eval_sets, self.task_names,
-                                rank=self.rank, world_size=self.world_size, device=self.device,
-                                batch_size=max(8, 2 * self.tc.micro_batch_size),
-                                synced=self.tc.zero_stage == 3 and self.world_size > 1)
-        self.engine.train()
+        result = self._evaluate(self.eval_sets, self.task_names)
+        # The selection metric (Tune's): the mean over the scored tasks only (tasks[*].score).
+        result["eval_loss_scored"] = result.pop("loss_scored")
         self.last_eval = {"step": self.step, "loss": loss, **result}
         self.history.append(self.last_eval)
-        # The selection metric (Tune's): the mean over the scored tasks only (tasks[*].score).
-        scored = [n for n, keep in zip(self.task_names, self.config.get("scored") or []) if keep] or self.task_names
-        result["eval_loss_scored"] = float(np.mean([result["eval_loss_per_task"][n] for n in scored]))
         metrics = {"step": self.step, "loss": loss, "lr": lr, "eval_loss_mean": result["eval_loss_mean"],
                    "eval_loss_scored": result["eval_loss_scored"],
                    "eval_accuracy_mean": result["eval_accuracy_mean"], **self._throughput()}
@@ -334,6 +336,19 @@ class MixtureFinetune:
         if self._audit is not None:
             self._audit.flush()
         self._report(metrics, checkpoint=checkpoint, final=final)
+
+    def _evaluate(self, sets: list, names: list[str]) -> dict[str, Any]:
+        """``evaluate_model`` on every rank (ZeRO-3 gathers collectively), plus ``loss_scored``: the mean loss over
+        the scored tasks (``tasks[*].score``) among ``names``, or over all of them if none is scored."""
+        result = evaluate_model(self.engine.module, self.tokenizer, sets, names,
+                                rank=self.rank, world_size=self.world_size, device=self.device,
+                                batch_size=max(8, 2 * self.tc.micro_batch_size),
+                                synced=self.tc.zero_stage == 3 and self.world_size > 1)
+        self.engine.train()
+        keep = dict(zip(self.task_names, self.config.get("scored") or [True] * len(self.task_names)))
+        scored = [n for n in names if keep[n]] or names
+        result["loss_scored"] = float(np.mean([result["eval_loss_per_task"][n] for n in scored]))
+        return result
 
     def _report(self, metrics: dict[str, Any], *, checkpoint: bool, final: bool) -> None:
         import ray.train
@@ -381,6 +396,7 @@ class MixtureFinetune:
             "eval_loss_mean": ev.get("eval_loss_mean"),
             "eval_loss_scored": ev.get("eval_loss_scored"),
             "eval_accuracy_mean": ev.get("eval_accuracy_mean"),
+            **self._test_summary(),
             "throughput": {**self._throughput(), "train_seconds": self.train_seconds},
             "removed_tasks": self.sampler.removed_tasks(),
             "sampler_events": self.sampler.events,
@@ -389,6 +405,15 @@ class MixtureFinetune:
             "loss_curve": self.loss_curve,
             "history": self.history,
         }
+
+    def _test_summary(self) -> dict[str, Any]:
+        """The final model on the test split (``final_test``): per task, mean, and the mean over scored tasks."""
+        t = self.test_result
+        if not t:
+            return {}
+        return {"test_loss_per_task": t["eval_loss_per_task"], "test_accuracy_per_task": t["eval_accuracy_per_task"],
+                "test_loss_mean": t["eval_loss_mean"], "test_loss_scored": t["loss_scored"],
+                "test_accuracy_mean": t["eval_accuracy_mean"]}
 
     def cleanup(self) -> None:
         self._exit.close()
