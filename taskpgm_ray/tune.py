@@ -19,6 +19,7 @@ Ray touch-points:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ from taskpgm_ray.io import atomic_write_json
 from taskpgm_ray.tasks import TaskData
 
 TRIAL_CPU = 0.01  # RAY_NOTES: 0 is rejected, 1 (the default) starves the trial's own Train workers
+TRIAL_MIXTURE = "mixture.json"  # under tune/trials/<trial id>/: the weights the trial trains on, and how it got them
 METRIC = "eval_loss_scored"  # what trials are ranked by: mean validation loss over the tasks with score: true
 
 
@@ -130,6 +132,8 @@ def _trial(params: dict[str, Any], *, cfg: Config, tasks: list[TaskData], sums: 
         cfg.train, cpus_per_worker=cfg.tune.trial_cpus_per_worker, checkpoint_every=0,
         eval_every=max(1, trial_steps(cfg) // min(cfg.tune.trial_evals, trial_steps(cfg)))))
     trial_dir = Path(run_dir) / "tune" / "trials" / tune.get_context().get_trial_id()
+    # Recorded before training: results.json reports these, never a solve redone afterwards.
+    atomic_write_json(trial_dir / TRIAL_MIXTURE, {"weights": weights, **desc})
     trainer = build_trainer(cfg, tasks, weights, run_dir=str(trial_dir), name="train",
                             steps=trial_steps(cfg), num_workers=cfg.tune.trial_workers,
                             callbacks=[TuneReportCallback()], task_data=task_data[0])
@@ -239,11 +243,14 @@ def run_tune(cfg: Config, tasks: list[TaskData], sums: dict[str, Any], *, resume
     trials = []
     for r in grid:
         params = dict(r.config)
-        weights, desc = trial_weights(params, sums, cfg, tasks)
         m = r.metrics or {}
+        trained = _trained_on(out, m.get("trial_id"))  # None: the trial failed before it recorded its mixture
+        desc = {k: (trained or {}).get(k) for k in ("method", "affinity", "hyperparameters", "energy",
+                                                    "kkt_residual")}
         trials.append({
             "trial_id": m.get("trial_id"), "kind": params["kind"], "params": params, **desc,
-            "weights": weights, "validation_loss": m.get(METRIC), "validation_loss_all": m.get("eval_loss_mean"),
+            "weights": (trained or {}).get("weights"),
+            "validation_loss": m.get(METRIC), "validation_loss_all": m.get("eval_loss_mean"),
             "validation_loss_per_task": {t.name: m.get(f"eval_loss/{t.name}") for t in tasks},
             "iterations": m.get("training_iteration"),
             # When the trial ran (Unix seconds), from Tune's own clock: its last result's timestamp (whole
@@ -254,7 +261,8 @@ def run_tune(cfg: Config, tasks: list[TaskData], sums: dict[str, Any], *, resume
                                                else "completed"),
             "error": str(r.error).splitlines()[0] if r.error else None,
         })
-    ok = [t for t in trials if t["validation_loss"] is not None and math.isfinite(t["validation_loss"])]
+    ok = [t for t in trials if t["validation_loss"] is not None and math.isfinite(t["validation_loss"])
+          and t["weights"] is not None]
     if not ok:
         raise RuntimeError(f"tune: no trial reported a validation loss ({len(trials)} trials; see {storage})")
     best = min(ok, key=lambda t: t["validation_loss"])
@@ -264,6 +272,12 @@ def run_tune(cfg: Config, tasks: list[TaskData], sums: dict[str, Any], *, resume
                         f"{', '.join(t.name for t in tasks if t.score) or 'all'})"}
     atomic_write_json(out / "tune" / "results.json", result)
     return result
+
+
+def _trained_on(out: Path, trial_id: str | None) -> dict[str, Any] | None:
+    """The mixture a trial recorded before training (``tune/trials/<id>/mixture.json``), or None."""
+    path = out / "tune" / "trials" / str(trial_id) / TRIAL_MIXTURE
+    return json.loads(path.read_text()) if trial_id and path.exists() else None
 
 
 def write_best_mixture(best: dict[str, Any], tasks: list[TaskData], path: str | Path, *, inputs_hash: str,

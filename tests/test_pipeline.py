@@ -146,15 +146,19 @@ def test_wandb_offline_runs_hold_the_metrics_and_the_mixture(run_dir):
     # one group for the whole `taskpgm run`, Tune's trial runs (under tune/trials/) included, each trial
     # named by and carrying its hyperparameters
     everything = sorted(run_dir.rglob("offline-run-*"))
-    groups, trials = set(), []
+    groups, trials, trained_on = set(), [], {}
     for path in everything:
         (record,) = [r["run"] for r in _wandb_records(path) if r["type"] == "run"]
         groups.add(record["run_group"])
         if "tune" in path.parts:
             trials.append(record)
+            trained_on[path.parts[path.parts.index("trials") + 1]] = record["config"]["update"]["weights"]
     group = (run_dir / "wandb_group.txt").read_text().strip()
     assert groups == {group} and len(trials) == 5
     assert all(t["display_name"].startswith("trial-") and "trial" in t["config"]["update"] for t in trials)
+    # tune/results.json reports the weights each trial's training workers logged, i.e. what it trained on
+    results = json.loads((run_dir / "tune" / "results.json").read_text())
+    assert {t["trial_id"]: t["weights"] for t in results["trials"]} == trained_on
 
 
 def test_rerun_is_cached_an_interrupted_training_resumes_and_a_change_reruns_only_training(run_dir, ray_cluster,
