@@ -10,7 +10,6 @@ import yaml
 
 from taskpgm_ray.config import TEST_CONFIG, config_from_dict
 from taskpgm_ray.distributed.probes import (
-    FAIL_ENV,
     ProbeError,
     install_adapter,
     is_complete,
@@ -64,18 +63,29 @@ def test_installing_an_adapter_over_another_is_fine_only_when_that_one_is_comple
         install_adapter(_finished(tmp_path / ".tmp-3", "sort"), out)
 
 
-def test_failure_is_reported_per_task_then_only_missing_probes_train(ray_cluster, tmp_path, monkeypatch):
+def _failing_for(task: str):
+    """``train_probe``, except that it raises (on every attempt) for ``task``. Built inside a function so Ray
+    pickles it by value: its workers need not import this test module."""
+    from taskpgm_ray.distributed.probes import train_probe
+
+    def train_or_fail(task_name: str, *args):
+        if task_name == task:
+            raise RuntimeError(f"injected failure for task {task_name!r}")
+        return train_probe(task_name, *args)
+
+    return train_or_fail
+
+
+def test_failure_is_reported_per_task_then_only_missing_probes_train(ray_cluster, tmp_path):
     cfg = make_config(tmp_path)
     tasks = load_tasks(cfg)
-    monkeypatch.setenv(FAIL_ENV, "sort")
     with pytest.raises(ProbeError, match=r"failed for task\(s\) sort .*injected failure.*2 finished adapter") as err:
-        probe_command(cfg, tasks=tasks)
+        probe_command(cfg, tasks=tasks, train_fn=_failing_for("sort"))
     assert set(err.value.failed) == {"sort"}
     done = {t.name: is_complete(probe_dir(cfg, t)) for t in tasks}
     assert done == {"reverse_a": True, "sort": False, "add": True}
     assert not [p for p in (tmp_path / "probes").iterdir() if p.name.startswith(".")], "temp dirs left behind"
 
-    monkeypatch.delenv(FAIL_ENV)
     second = probe_command(cfg, tasks=tasks)
     assert second["trained"] == ["sort"] and sorted(second["cached"]) == ["add", "reverse_a"]
     meta = json.loads((probe_dir(cfg, tasks[1]) / "probe.json").read_text())

@@ -9,7 +9,7 @@ LoRA adapts ``probes.target_modules``, or when that is null the attention projec
 (``LORA_TARGETS``), or for a family not listed every linear layer but the output layer.
 
 Ray touch-points (all in ``probe_command``):
-  ``ray.remote(train_probe).options``    one task per probe, ``probes.num_cpus``/``num_gpus``, ``max_retries``
+  ``ray.remote(train_fn).options``       one task per probe, ``probes.num_cpus``/``num_gpus``, ``max_retries``
   ``ray.wait`` / ``ray.get``             each adapter recorded as it finishes
   ``ray.exceptions.RayError``            a probe that still failed after its retries, reported by task name
 """
@@ -23,6 +23,7 @@ import random
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,8 +38,6 @@ if TYPE_CHECKING:
 
 # Settings that change what a probe learns; resources and retries do not, so they stay out of the hash.
 _NOT_HASHED = ("num_gpus", "num_cpus", "max_retries")
-# Test hook: comma-separated task names whose probe raises (on every attempt) before training.
-FAIL_ENV = "TASKPGM_TEST_FAIL_PROBES"
 # The attention projections LoRA adapts in each family we know (key: the model config's model_type). Names are
 # suffixes of module paths, as peft matches them ("attn.c_proj": GPT-2's attention output, not its MLP's c_proj).
 _QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -173,7 +172,7 @@ def install_adapter(tmp: Path, out: Path) -> None:
 
 
 def train_probe(task_name: str, pairs: list[tuple[str, str]], probes: dict, model: dict,
-                tokenizer_path: str, out_dir: str, fail: bool = False) -> dict:
+                tokenizer_path: str, out_dir: str) -> dict:
     """Fine-tune one proxy on ``pairs`` (prompt, response) and save it atomically to ``out_dir``.
 
     Runs in a Ray worker; deterministic given the seed (private torch RNG, seeded example draws).
@@ -184,8 +183,6 @@ def train_probe(task_name: str, pairs: list[tuple[str, str]], probes: dict, mode
     from taskpgm_ray.config import ModelConfig, ProbeConfig, TinyModelConfig
     from taskpgm_ray.models import build_model, collate, encode_example, load_tokenizer
 
-    if fail:
-        raise RuntimeError(f"injected failure for task {task_name!r} ({FAIL_ENV})")
     pc = ProbeConfig(**probes)
     mc = ModelConfig(**{**model, "tiny": TinyModelConfig(**model["tiny"])})
     targets = None
@@ -235,14 +232,16 @@ def train_probe(task_name: str, pairs: list[tuple[str, str]], probes: dict, mode
 # the driver
 
 
-def probe_command(cfg: Config, *, tasks: list[TaskData] | None = None,
-                  progress: StageProgress | None = None) -> dict:
+def probe_command(cfg: Config, *, tasks: list[TaskData] | None = None, progress: StageProgress | None = None,
+                  train_fn: Callable[..., dict] = train_probe) -> dict:
     """Train (or reuse) one proxy adapter per task; the ``taskpgm probe CONFIG`` stage.
 
     Args:
         cfg: the run config (``probes``, ``proxy_model`` or else ``model``, ``output_dir``).
         tasks: already loaded tasks (default: ``load_tasks(cfg)``).
         progress: the stage's live line: probes k/n with ETA, a failed probe named as it fails.
+        train_fn: what each Ray task runs, with ``train_probe``'s arguments; tests pass a wrapper that fails for
+            one task (the product code has no failure hook).
 
     Returns:
         ``{"probes": {task: {"path", "hash", "status": "trained"|"cached", ...}}, "trained": [...],
@@ -269,8 +268,7 @@ def probe_command(cfg: Config, *, tasks: list[TaskData] | None = None,
     require_resources("a probe fine-tune (probes.num_cpus / probes.num_gpus)", cpus=pc.num_cpus, gpus=pc.num_gpus)
     tok_path = str(ensure_proxy_tokenizer(cfg, cfg.output_dir).resolve())
     (Path(cfg.output_dir) / "probes").mkdir(parents=True, exist_ok=True)
-    fail = set(filter(None, os.environ.get(FAIL_ENV, "").split(",")))
-    remote = ray.remote(train_probe).options(num_gpus=pc.num_gpus, num_cpus=pc.num_cpus,
+    remote = ray.remote(train_fn).options(num_gpus=pc.num_gpus, num_cpus=pc.num_cpus,
                                              max_retries=pc.max_retries, retry_exceptions=True)
     out: dict[str, dict] = {}
     status: dict[str, str] = {}
@@ -283,7 +281,7 @@ def probe_command(cfg: Config, *, tasks: list[TaskData] | None = None,
             out[t.name].update(json.loads((path / "probe.json").read_text()), status="cached")
             continue
         pairs = [(ex.prompt, ex.response) for ex in t.train]
-        ref = remote.remote(t.name, pairs, asdict(pc), asdict(cfg.proxy), tok_path, str(path), t.name in fail)
+        ref = remote.remote(t.name, pairs, asdict(pc), asdict(cfg.proxy), tok_path, str(path))
         pending[ref] = t
         status[t.name] = "running"
     failed: dict[str, str] = {}
