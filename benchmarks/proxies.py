@@ -1,6 +1,6 @@
 """Benchmark: which proxy settings learn the task without forgetting the rest? (issue 11, item 4)
 
-    .venv/bin/python benchmarks/proxies.py [--seed 0] [--spec SPEC.yaml]
+    .venv/bin/python benchmarks/proxies.py [--seeds 0 1 2] [--spec SPEC.yaml] [--settings 150:1e-3:8 ...]
 
 For each proxy setting (LoRA steps, learning rate, rank) the product path runs on the same synthetic suite
 (scale 0.5) from the shipped pretrained base: `taskpgm probe` then `taskpgm estimate`. Side by side, from
@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 SETTINGS = [  # (steps, lr, LoRA rank)
-    (60, 3e-3, 8), (150, 1e-3, 8), (150, 3e-3, 8), (300, 3e-3, 8), (150, 3e-3, 16)]
+    (60, 3e-3, 8), (150, 3e-3, 8), (300, 3e-3, 8), (150, 3e-3, 16),
+    (60, 1e-3, 8), (150, 1e-3, 8), (300, 1e-3, 8), (150, 1e-3, 16), (150, 5e-4, 8), (300, 5e-4, 8)]
 
 
 def run_setting(steps: int, lr: float, rank: int, seed: int, spec: str | None) -> dict:
@@ -54,7 +55,7 @@ def run_setting(steps: int, lr: float, rank: int, seed: int, spec: str | None) -
         "probes": {"steps": steps, "lr": lr, "lora_rank": rank, "lora_alpha": 2.0 * rank, "batch_size": 16,
                    "num_cpus": 1, "seed": seed},
         "estimation": {"num_actors": 2, "shard_size": 16, "batch_size": 32, "jsd": False, "bootstrap": 0},
-        "tracking": {"wandb": "disabled"}, "offline": True})
+        "tune": {"affinities": ["pmi"]}, "tracking": {"wandb": "disabled"}, "offline": True})
     tasks = load_tasks(cfg)
     t0 = time.time()
     probes = probe_command(cfg, tasks=tasks)
@@ -91,28 +92,40 @@ def run_setting(steps: int, lr: float, rank: int, seed: int, spec: str | None) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--spec", default=None)
+    parser.add_argument("--settings", nargs="+", default=None, help="steps:lr:rank, e.g. 150:1e-3:8")
     args = parser.parse_args()
+    settings = ([(int(a), float(b), int(c)) for a, b, c in (x.split(":") for x in args.settings)]
+                if args.settings else SETTINGS)
     from taskpgm_ray.distributed.cluster import init_ray
 
     init_ray(num_cpus=2)
     rows = []
-    for steps, lr, rank in SETTINGS:
-        print(f"== steps {steps} lr {lr:g} rank {rank}", flush=True)
-        rows.append(run_setting(steps, lr, rank, args.seed, args.spec))
-    lines = [f"# python benchmarks/proxies.py --seed {args.seed}" + (f" --spec {args.spec}" if args.spec else ""),
-             "# LoRA proxies on synthetic-base, suite scale 0.5, 16 probe examples per task; scored = non-noise", "",
+    for seed in args.seeds:
+        for steps, lr, rank in settings:
+            print(f"== seed {seed} steps {steps} lr {lr:g} rank {rank}", flush=True)
+            rows.append({"seed": seed, **run_setting(steps, lr, rank, seed, args.spec)})
+    lines = [f"# python benchmarks/proxies.py --seeds {' '.join(map(str, args.seeds))}"
+             + (f" --spec {args.spec}" if args.spec else ""),
+             "# LoRA proxies on synthetic-base, suite scale 0.5, 16 probe examples per task; scored = non-noise;",
+             f"# mean over {len(args.seeds)} seeds (own gain min: the worst task of any seed; dup nn: summed)", "",
              "| steps | lr | rank | own gain mean / min | learned | forgetting mean / worst (nats) | "
-             "information: noise / skills median | PMI SNR | dup nn (all / informative) | s per proxy |",
+             "information: noise max / skills median | PMI SNR | dup nn (all / informative) | s per proxy |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
+    for steps, lr, rank in settings:
+        rs = [r for r in rows if (r["steps"], r["lr"], r["rank"]) == (steps, lr, rank)]
+        secs = [r["seconds_per_proxy"] for r in rs if r["seconds_per_proxy"]]
         lines.append(
-            f"| {r['steps']} | {r['lr']:g} | {r['rank']} | {r['own_gain_mean']:.0%} / {r['own_gain_min']:.0%} | "
-            f"{r['learned']}/{r['scored']} | {r['forgetting_mean']:+.2f} / {r['forgetting_worst']:+.1f} | "
-            + ", ".join(f"{x:+.1f}" for x in r["information_noise"]) + f" / {r['information_skills_median']:.1f} | "
-            f"{r['snr']:.1f} | {r['dup_nn']}/{r['dups']} / {r['dup_nn_informative']}/{r['dups']} | "
-            + (f"{r['seconds_per_proxy']:.1f}" if r["seconds_per_proxy"] else "cached") + " |")
+            f"| {steps} | {lr:g} | {rank} | {np.mean([r['own_gain_mean'] for r in rs]):.0%} / "
+            f"{min(r['own_gain_min'] for r in rs):.0%} | "
+            f"{sum(r['learned'] for r in rs)}/{sum(r['scored'] for r in rs)} | "
+            f"{np.mean([r['forgetting_mean'] for r in rs]):+.2f} / {min(r['forgetting_worst'] for r in rs):+.1f} | "
+            f"{max(max(r['information_noise']) for r in rs):+.1f} / "
+            f"{np.mean([r['information_skills_median'] for r in rs]):.1f} | {np.mean([r['snr'] for r in rs]):.1f} | "
+            f"{sum(r['dup_nn'] for r in rs)}/{sum(r['dups'] for r in rs)} / "
+            f"{sum(r['dup_nn_informative'] for r in rs)}/{sum(r['dups'] for r in rs)} | "
+            + (f"{np.mean(secs):.1f}" if secs else "cached") + " |")
     text = "\n".join(lines) + "\n"
     out = ROOT / "benchmarks" / "results"
     (out / "proxies.txt").write_text(text)

@@ -60,7 +60,7 @@ def seed_config(seed: int, s: dict, out_root: Path, spec: str | None):
         "synthetic": {"seed": seed, "scale": s["scale"], "spec": str(Path(spec).resolve()) if spec else None},
         "splits": {"probe_fraction": 0.1, "max_probe": s["max_probe"], "min_probe": 4, "max_eval": 48, "seed": seed},
         "model": {"name": "synthetic-base", "tokenizer": "byte", "max_length": 48},
-        "probes": {"steps": s["probe_steps"], "batch_size": 16, "lr": 3.0e-3, "lora_rank": 8, "num_cpus": 1,
+        "probes": {"steps": s["probe_steps"], "batch_size": 16, "lr": 1.0e-3, "lora_rank": 8, "num_cpus": 1,
                    "seed": seed},
         "estimation": {"num_actors": 2, "shard_size": 16, "batch_size": 32, "jsd": False, "bootstrap": 50},
         # energy: the defaults (clip kernel, information unary, temperature prior), as a user gets them

@@ -126,9 +126,10 @@ class ModelConfig:
 class ProbeConfig:
     """Stage 2: one LoRA proxy per task."""
 
-    steps: int = doc("optimizer steps per proxy (150 x 16 examples: measured on the synthetic world, README)", 150)
+    steps: int = doc("optimizer steps per proxy (150 x 16 examples: measured, benchmarks/proxies.py)", 150)
     batch_size: int = doc("examples per step", 16)
-    lr: float = doc("learning rate", 3e-3)
+    lr: float = doc("learning rate (1e-3: learns the task without forgetting the rest, benchmarks/proxies.py)",
+                    1e-3)
     lora_rank: int = doc("LoRA rank r", 8)
     lora_alpha: float = doc("LoRA alpha", 16.0)
     target_modules: list[str] | None = doc(
