@@ -212,10 +212,13 @@ def make_report(run_dir: str | Path, *, tracking: TrackingConfig | None = None) 
             "samples": (summary.get("samples_per_task") or {}).get(n),
             "eval_loss": (summary.get("eval_loss_per_task") or {}).get(n),
             "eval_accuracy": (summary.get("eval_accuracy_per_task") or {}).get(n),
+            "test_loss": (summary.get("test_loss_per_task") or {}).get(n),
+            "test_accuracy": (summary.get("test_accuracy_per_task") or {}).get(n),
         })
     report = {
         "run_dir": str(run_dir), "method": mixture["method"], "affinity": mixture.get("affinity"),
         "hyperparameters": mixture.get("hyperparameters"), "eval_loss_mean": summary.get("eval_loss_mean"),
+        "test_loss_scored": summary.get("test_loss_scored"),
         "throughput": summary.get("throughput"), "tasks": rows,
         "tune_best": (tune_results or {}).get("best", {}).get("validation_loss"),
         "signal": signal, "compare": _compare_digest(compare), "estimation": _estimation_digest(estimate),
@@ -224,10 +227,11 @@ def make_report(run_dir: str | Path, *, tracking: TrackingConfig | None = None) 
     md = [f"# taskpgm report: {run_dir.name}", "",
           f"Mixture: **{mixture['method']}** (affinity {mixture.get('affinity')}), "
           f"hyperparameters `{json.dumps(mixture.get('hyperparameters'))}`.", "",
-          f"Mean validation loss after the fine-tune (every task): **{summary.get('eval_loss_mean')}**; Tune "
-          f"selected on the same validation split, so this figure is optimistic: `taskpgm compare` scores on test.",
+          f"Mean test loss after the fine-tune (scored tasks; no selection saw the test split): "
+          f"**{summary.get('test_loss_scored')}**. Validation loss (every task, the split Tune selected on): "
+          f"{summary.get('eval_loss_mean')}.",
           "", _table_markdown(rows, ["task", "weight", "uniform", "train_size", "samples", "eval_loss",
-                                     "eval_accuracy"]), ""]
+                                     "eval_accuracy", "test_loss", "test_accuracy"]), ""]
     md += estimation_markdown(estimate)
     md += signal_markdown(signal)
     if compare:

@@ -112,6 +112,9 @@ def test_run_directory_follows_the_contract(run_dir):
         assert (run_dir / "report" / f"{png}.png").stat().st_size > 5000, png
     report = json.loads((run_dir / "report" / "summary.json").read_text())
     assert [r["task"] for r in report["tasks"]] == names
+    # the headline figure is the test split's (no selection saw it), as train/summary.json computed it
+    assert report["test_loss_scored"] == summary["test_loss_scored"] and summary["test_loss_scored"] > 0
+    assert all(r["test_loss"] == summary["test_loss_per_task"][r["task"]] for r in report["tasks"])
 
     # signal checks: every proxy of the pretrained base learned its (non-noise) task, and the run says so
     signal = json.loads((run_dir / "estimate" / "signal.json").read_text())
