@@ -24,6 +24,12 @@ which re-solves the mixture; with ``estimation.stop_when_stable`` the driver sto
 once the optimiser calls the mixture stable. Shards go out round-robin over tasks so that every column
 has data early. An actor that dies has its shards re-queued; final sums are formed in shard order, so
 they are bit-identical whatever ran where.
+
+Ray touch-points:
+  ``ray.remote(EstimationActor).options``  ``estimation.num_actors`` scoring actors (CPUs/GPUs each, restarts)
+  ``ray.remote(MixtureOptimizer)``         the central optimiser, one actor, re-solving as sums arrive
+  ``ray.wait`` / ``ray.get``               results taken as they finish; a dead actor's shard is re-queued
+  ``ray.kill``                             actors and the optimiser released at the end of the stage
 """
 
 from __future__ import annotations
