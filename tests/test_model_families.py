@@ -277,7 +277,7 @@ def family_run_config(family: str, path: Path, out: Path, **overrides):
     data = yaml.safe_load(TEST_CONFIG.read_text())
     return config_from_dict(data, overrides={
         "output_dir": str(out), "synthetic.include": TASKS, "model.name": str(path), "model.tokenizer": str(path),
-        "probes.steps": 4, "probes.batch_size": 4, "probes.num_cpus": 1, "splits.max_eval": 4,
+        "probes.steps": 4, "probes.batch_size": 4, "probes.lr": 3e-3, "probes.num_cpus": 1, "splits.max_eval": 4,
         "train.steps": STEPS, "train.micro_batch_size": 4, "train.eval_every": 0, "train.checkpoint_every": 0,
         "train.warmup_steps": 1, "tracking.wandb": "disabled", **overrides})
 
