@@ -77,6 +77,16 @@ def seed_config(seed: int, s: dict, out_root: Path, spec: str | None):
     return config_from_dict(data, source=str(ROOT / "benchmarks" / "quality.py"))
 
 
+def _summary_of(compare_dir: Path, method: str, seed: int, per_task: dict[str, float]) -> dict:
+    """The fine-tune behind a results.json row: a run directory may hold older fine-tunes of the same method
+    (other weights), so match on the per-task test losses the row reports."""
+    for path in compare_dir.glob(f"{method}-seed{seed}-*/summary.json"):
+        summary = json.loads(path.read_text())
+        if summary["eval_loss_per_task"] == per_task:
+            return summary
+    raise FileNotFoundError(f"{compare_dir}: no {method} fine-tune of seed {seed} matches compare/results.json")
+
+
 def run_seed(seed: int, s: dict, out_root: Path, spec: str | None, summarize_only: bool = False) -> dict:
     """The product path for one seed, then the planted-structure read-outs (``summarize_only``: read a finished
     run's artefacts instead of running anything)."""
@@ -109,8 +119,8 @@ def run_seed(seed: int, s: dict, out_root: Path, spec: str | None, summarize_onl
     noise = [n for n in names if roles[n] == "noise"]
     scored = results["scored_tasks"]
     compare_dir = out / "compare" / "runs"
-    accuracy = {m: json.loads(next(compare_dir.glob(f"{m}-seed{seed}-*/summary.json")).read_text())
-                ["eval_accuracy_per_task"] for m in row["test_loss"]}
+    accuracy = {m: _summary_of(compare_dir, m, seed, row["per_task"][m])["eval_accuracy_per_task"]
+                for m in row["test_loss"]}
     return {
         "seed": seed, "roles": roles, "test_loss": row["test_loss"], "per_task": row["per_task"],
         "weights": row["weights"], "default_energy_weights": default, "curves": row["curves"],
