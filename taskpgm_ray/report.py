@@ -228,8 +228,8 @@ def make_report(run_dir: str | Path, *, tracking: TrackingConfig | None = None) 
           f"Mixture: **{mixture['method']}** (affinity {mixture.get('affinity')}), "
           f"hyperparameters `{json.dumps(mixture.get('hyperparameters'))}`.", "",
           f"Mean test loss after the fine-tune (scored tasks; no selection saw the test split): "
-          f"**{summary.get('test_loss_scored')}**. Validation loss (every task, the split Tune selected on): "
-          f"{summary.get('eval_loss_mean')}.",
+          f"**{_fmt(summary.get('test_loss_scored'))}**. Validation loss (every task, the split Tune selected on): "
+          f"{_fmt(summary.get('eval_loss_mean'))}.",
           "", _table_markdown(rows, ["task", "weight", "uniform", "train_size", "samples", "eval_loss",
                                      "eval_accuracy", "test_loss", "test_accuracy"]), ""]
     md += estimation_markdown(estimate)
@@ -243,6 +243,10 @@ def make_report(run_dir: str | Path, *, tracking: TrackingConfig | None = None) 
     atomic_write_json(out / "summary.json", report)
     _log_wandb(tracking or TrackingConfig(), run_dir, report, plots)
     return report
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
 
 
 def signal_markdown(signal: dict | None) -> list[str]:
