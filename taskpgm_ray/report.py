@@ -145,12 +145,14 @@ def plot_tune(results: dict, path: Path) -> Path | None:
     return path
 
 
-def _table_markdown(rows: list[dict], columns: list[str]) -> str:
-    def fmt(v: Any) -> str:
-        return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
+def _fmt(v: Any, missing: str = "") -> str:
+    """A report cell: floats to 4 decimals, None as ``missing``."""
+    return f"{v:.4f}" if isinstance(v, float) else (missing if v is None else str(v))
 
+
+def _table_markdown(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -228,8 +230,9 @@ def make_report(run_dir: str | Path, *, tracking: TrackingConfig | None = None) 
           f"Mixture: **{mixture['method']}** (affinity {mixture.get('affinity')}), "
           f"hyperparameters `{json.dumps(mixture.get('hyperparameters'))}`.", "",
           f"Mean test loss after the fine-tune (scored tasks; no selection saw the test split): "
-          f"**{_fmt(summary.get('test_loss_scored'))}**. Validation loss (every task, the split Tune selected on): "
-          f"{_fmt(summary.get('eval_loss_mean'))}.",
+          f"**{_fmt(summary.get('test_loss_scored'), 'n/a')}**. "
+          f"Validation loss (every task, the split Tune selected on): "
+          f"{_fmt(summary.get('eval_loss_mean'), 'n/a')}.",
           "", _table_markdown(rows, ["task", "weight", "uniform", "train_size", "samples", "eval_loss",
                                      "eval_accuracy", "test_loss", "test_accuracy"]), ""]
     md += estimation_markdown(estimate)
@@ -243,10 +246,6 @@ def make_report(run_dir: str | Path, *, tracking: TrackingConfig | None = None) 
     atomic_write_json(out / "summary.json", report)
     _log_wandb(tracking or TrackingConfig(), run_dir, report, plots)
     return report
-
-
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.4f}"
 
 
 def signal_markdown(signal: dict | None) -> list[str]:
