@@ -317,7 +317,7 @@ def solve(lik_path: str, out: str, affinity: str, jsd_path: str | None, kernel: 
 
     from taskpgm_ray.config import config_from_dict
     from taskpgm_ray.distributed.solve import solve_from_sums
-    from taskpgm_ray.mixture_file import load_information_gain, load_likelihoods, read_npz, write_mixture
+    from taskpgm_ray.mixture_file import load_likelihoods, load_signal, read_npz, write_mixture
 
     if not beta >= 0:  # E(p) = (lam/2) p^T S p - beta u^T p: beta < 0 rewards leaving out the tasks u favours
         raise BadInput(f"--beta must be >= 0, got {beta:g} (a negative beta turns the unary term upside down)")
@@ -342,14 +342,13 @@ def solve(lik_path: str, out: str, affinity: str, jsd_path: str | None, kernel: 
         if [str(t) for t in f["tasks"]] != list(tasks):
             raise BadInput(f"{jsd_path}: tasks differ from {lik_path}")
         jsd_sum, jsd_count = f["jsd_sum"], f["token_count"]
-    information = load_information_gain(lik_path)
-    if unary == "information" and information is None:
+    signal = load_signal(lik_path)
+    if unary == "information" and signal is None:
         raise BadInput(f"{lik_path}: --unary information needs the signal arrays that `taskpgm estimate` writes "
                        f"(base_loglik_sum, information_sum, ...); use --unary representativeness for this file")
     if prior in ("size", "temperature") and sizes is None:
         raise BadInput(f"{lik_path}: --prior {prior} needs the 'sizes' array; use --prior uniform or none")
-    weights, sol, _ = solve_from_sums(loglik_sum, count, jsd_sum, jsd_count, checked, information=information,
-                                      sizes=sizes)
+    weights, sol, _ = solve_from_sums(loglik_sum, count, jsd_sum, jsd_count, checked, signal=signal, sizes=sizes)
     hyper = {k: v for k, v in dataclasses.asdict(checked).items() if k != "affinity"}
     size_map = {t: int(s) for t, s in zip(tasks, sizes)} if sizes is not None else {t: 0 for t in tasks}
     write_mixture(out, weights=dict(zip(tasks, map(float, weights))), method="taskpgm", affinity=affinity,

@@ -160,17 +160,14 @@ def save_likelihoods(path: str, tasks, loglik_sum, count, sizes=None, measured=N
     atomic_savez(path, **arrays)
 
 
-def load_information_gain(path: str) -> np.ndarray | None:
-    """Each task's input-output information gain (proxy over base, nats per example; its lower confidence bound,
-    floored at 0) from ``likelihoods.npz``, or None when the file has no signal arrays (older or hand-written)."""
+def load_signal(path: str) -> dict[str, np.ndarray] | None:
+    """The per-task signal sums (``SIGNAL_ARRAYS``) of ``likelihoods.npz``, from which the energy takes its
+    information unary and the tasks its prior skips; None when the file has none (older or hand-written)."""
     arrays = read_npz(path)
     if not all(k in arrays for k in SIGNAL_ARRAYS):
         return None
     _validate_likelihoods(path, arrays)
-    from taskpgm_ray.mixture.signal import information_gain
-
-    return information_gain(arrays["information_sum"], arrays["base_information_sum"], arrays["information_count"],
-                            arrays["information_gain_sq_sum"])
+    return {k: arrays[k] for k in SIGNAL_ARRAYS}
 
 
 def read_npz(path: str) -> dict[str, np.ndarray]:

@@ -324,12 +324,12 @@ def load_sums(run_dir: str | Path) -> dict[str, Any]:
     """The estimation sums Tune needs, from ``likelihoods.npz`` (and ``jsd.npz`` when present)."""
     import numpy as np
 
-    from taskpgm_ray.mixture_file import load_information_gain
+    from taskpgm_ray.mixture_file import load_signal
 
     run_dir = Path(run_dir)
     with np.load(run_dir / "likelihoods.npz") as f:
         sums = {"tasks": [str(t) for t in f["tasks"]], "loglik_sum": f["loglik_sum"], "count": f["count"]}
-    sums["information_gain"] = load_information_gain(str(run_dir / "likelihoods.npz"))
+    sums["signal"] = load_signal(str(run_dir / "likelihoods.npz"))
     if (run_dir / "jsd.npz").exists():
         with np.load(run_dir / "jsd.npz") as f:
             sums["jsd_sum"], sums["jsd_count"] = f["jsd_sum"], f["token_count"]

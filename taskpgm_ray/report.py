@@ -260,10 +260,11 @@ def signal_markdown(signal: dict | None) -> list[str]:
         lines += [f"PMI affinity signal-to-noise: **{a['snr']:.2f}** ({'signal' if a['has_signal'] else 'NOISE'}; "
                   f"bootstrap over probe examples, {signal['resamples']} resamples).", ""]
     rows = [{"task": k, "gain": v["gain"], "gain_low": v["gain_low"], "gain_high": v["gain_high"],
-             "learned": v["learned"], "information_gain": v["information_gain"], "nearest": v.get("nearest")}
+             "learned": v["learned"], "information_gain": v["information_gain"],
+             "output_only": v.get("output_only", False), "nearest": v.get("nearest")}
             for k, v in signal["tasks"].items()]
     return lines + [_table_markdown(rows, ["task", "gain", "gain_low", "gain_high", "learned", "information_gain",
-                                           "nearest"]), ""]
+                                           "output_only", "nearest"]), ""]
 
 
 def estimation_markdown(progress: dict | None) -> list[str]:

@@ -99,7 +99,7 @@ def trial_weights(params: dict[str, Any], sums: dict[str, Any], cfg: Config,
     utilities = [t.utility for t in tasks] if energy.unary == "utility" else None
     weights, sol, _ = solve_from_sums(sums["loglik_sum"], sums["count"], sums.get("jsd_sum"),
                                       sums.get("jsd_count"), energy, utilities=utilities,
-                                      information=sums.get("information_gain"), max_weights=mixture_caps(cfg, tasks),
+                                      signal=sums.get("signal"), max_weights=mixture_caps(cfg, tasks),
                                       sizes=[len(t.train) for t in tasks])
     hyper = {**{k: v for k, v in dataclasses.asdict(energy).items() if k != "affinity"},
              "ratio": float(params["ratio"])}

@@ -25,6 +25,12 @@ def mean_loglik(seed=0):
     return L
 
 
+def info_sums(info):
+    """Signal sums whose information gain is ``info`` (one example per task; no base sums: nothing skipped)."""
+    return {"information_sum": np.asarray(info, float), "base_information_sum": np.zeros(len(info)),
+            "information_count": np.ones(len(info))}
+
+
 def stream(drift: float, seed=0):
     """Round-robin shards; each shard's per-example mean is L plus noise (stable) or plus a growing
     swing whose sign alternates (drift > 0: the running mean keeps moving)."""
@@ -106,7 +112,7 @@ def test_solve_from_sums_errors_name_the_problem():
     with pytest.raises(ValueError, match="unary 'information' needs each task's information gain"):
         solve_from_sums(L, np.ones(N), None, None, EnergyConfig())
     with pytest.raises(ValueError, match="prior 'temperature' needs the tasks' training sizes"):
-        solve_from_sums(L, np.ones(N), None, None, EnergyConfig(), information=np.ones(N))
+        solve_from_sums(L, np.ones(N), None, None, EnergyConfig(), signal=info_sums(np.ones(N)))
 
 
 def test_default_energy_is_the_documented_algorithm_box():
@@ -116,7 +122,7 @@ def test_default_energy_is_the_documented_algorithm_box():
     L, count, sizes = mean_loglik(), np.array([5, 6, 7, 8]), np.array([800, 800, 50, 3000])
     info = np.array([4.0, 3.0, 0.1, 6.0])
     e = EnergyConfig()
-    w, sol, K = solve_from_sums(L * count[None, :], count, None, None, e, information=info, sizes=sizes)
+    w, sol, K = solve_from_sums(L * count[None, :], count, None, None, e, signal=info_sums(info), sizes=sizes)
     K_ref = eig_clip(pmi_affinity(L), e.eps)
     K_ref /= np.mean(np.diag(K_ref))
     np.testing.assert_allclose(K, K_ref, atol=1e-12)
@@ -127,12 +133,37 @@ def test_default_energy_is_the_documented_algorithm_box():
     np.testing.assert_allclose(w, ref.weights, atol=1e-10)
     # a very strong prior is the prior itself; no prior and no pairwise term concentrates on the largest unary
     strong, _, _ = solve_from_sums(L * count[None, :], count, None, None,
-                                   dataclasses.replace(e, prior_strength=1e6), information=info, sizes=sizes)
+                                   dataclasses.replace(e, prior_strength=1e6), signal=info_sums(info), sizes=sizes)
     np.testing.assert_allclose(strong, q, atol=1e-4)
     greedy, _, _ = solve_from_sums(L * count[None, :], count, None, None,
-                                   dataclasses.replace(e, prior="none", lam=0.0, floor=0.0), information=info,
+                                   dataclasses.replace(e, prior="none", lam=0.0, floor=0.0), signal=info_sums(info),
                                    sizes=sizes)
     assert np.argmax(greedy) == 3 and greedy[3] > 0.99
+
+
+def test_the_prior_gives_a_task_whose_answers_ignore_the_prompt_no_share_for_its_size():
+    """Task 3 is the largest and its proxy learned its answers (NLL 6 -> 2) but no input dependence: with the
+    default energy the prior skips it (q renormalised over the others) and it keeps about the floor."""
+    from taskpgm_ray.mixture import baseline_weights
+
+    L, count, sizes = mean_loglik(), np.array([5, 6, 7, 8]), np.array([800, 800, 50, 3000])
+    signal = {**info_sums([4.0, 3.0, 0.5, 0.0]), "base_loglik_sum": -6.0 * count}
+    e = EnergyConfig()
+    w, sol, K = solve_from_sums(L * count[None, :], count, None, None, e, signal=signal, sizes=sizes)
+    q = baseline_weights("temperature", sizes, temperature=e.prior_temperature)
+    q_kept = np.where([0, 0, 0, 1], 0.0, q) / q[:3].sum()
+    np.testing.assert_allclose(sol.extra["q"], q_kept, atol=1e-12)
+    pull = np.array([1 / q_kept[0], 1 / q_kept[1], 1 / q_kept[2], 0.0])
+    ref = minimize_energy(e.lam * K + e.prior_strength * np.diag(pull), beta=e.beta, lam=1.0,
+                          unary=np.array([4.0, 3.0, 0.5, 0.0]) / 4.0, min_weight=e.floor / N)
+    np.testing.assert_allclose(w, ref.weights, atol=1e-10)
+    kept, _, _ = solve_from_sums(L * count[None, :], count, None, None,
+                                 dataclasses.replace(e, prior_skip_output_only=False), signal=signal, sizes=sizes)
+    assert w[3] < 1.1 * e.floor / N < 2 * e.floor / N < kept[3]  # without the switch its 3,000 examples earn it a share
+    # a proxy that learned nothing (NLL unchanged) is no evidence of noise: the prior keeps it
+    unlearned = {**signal, "base_loglik_sum": L[3, 3] * count}
+    same, _, _ = solve_from_sums(L * count[None, :], count, None, None, e, signal=unlearned, sizes=sizes)
+    np.testing.assert_allclose(same, kept, atol=1e-12)
 
 
 def test_a_solve_that_did_not_converge_is_never_a_silent_mixture():
@@ -145,10 +176,10 @@ def test_a_solve_that_did_not_converge_is_never_a_silent_mixture():
     try:  # the solver's iteration limit hit: an error naming the residual, not a mixture.json
         box.minimize_energy = lambda *a, **k: real(*a, **{**k, "max_iter": 1})
         with pytest.raises(ValueError, match=r"solver 'first_order' did not reach the minimiser \(KKT residual"):
-            solve_from_sums(L * count[None, :], count, None, None, slow, information=info, sizes=sizes)
+            solve_from_sums(L * count[None, :], count, None, None, slow, signal=info_sums(info), sizes=sizes)
     finally:
         box.minimize_energy = real
     with pytest.warns(UserWarning, match="closed_form is the paper's projection"):
         solve_from_sums(L * count[None, :], count, None, None,
-                        dataclasses.replace(slow, method="closed_form", floor=0.0, prior="none"), information=info,
-                        sizes=sizes)
+                        dataclasses.replace(slow, method="closed_form", floor=0.0, prior="none"),
+                        signal=info_sums(info), sizes=sizes)

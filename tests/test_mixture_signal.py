@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from taskpgm_ray.mixture import eig_clip, energy_matrix, minimize_energy, pmi_affinity
-from taskpgm_ray.mixture.signal import affinity_snr, information_gain, input_information, proxy_gains
+from taskpgm_ray.mixture.signal import affinity_snr, information_gain, input_information, output_only, proxy_gains
 
 
 def test_gain_and_its_interval_separate_a_learned_proxy_from_an_unlearned_one():
@@ -43,6 +43,26 @@ def test_information_is_zero_for_noise_and_positive_for_a_skill():
                            np.array([np.sum(x**2) for x in d]))
     se = d[0].std(ddof=1) / np.sqrt(m)
     assert lcb[0] == pytest.approx(d[0].mean() - 1.645 * se) and lcb[1] == 0.0
+
+
+def test_output_only_flags_learned_answers_that_ignore_the_prompt_and_nothing_else():
+    """Noise (answers learned, no input dependence) is flagged; a real skill with a small, noisy probe set (wide
+    interval, clearly positive estimate) and a proxy that learned nothing (no evidence either way) are not."""
+    rng = np.random.default_rng(0)
+    m = 16
+    base = -30 + rng.normal(0, 1, (4, m))
+    own = np.stack([base[0] + 18,                  # noise: learned the answers' statistics (60% gain)
+                    base[1] + 15,                  # skill, small and noisy probe set
+                    base[2] + rng.normal(0, 1, m),  # unlearned proxy: the base's NLL
+                    base[3] + 20])                 # a clean skill
+    info_own = np.stack([rng.normal(0, 4, m), 8 + rng.normal(0, 12, m), rng.normal(0, 1, m), 20 + rng.normal(0, 1, m)])
+    sums = {"base_loglik_sum": base.sum(1), "information_sum": info_own.sum(1), "base_information_sum": np.zeros(4),
+            "information_count": np.full(4, m), "information_gain_sq_sum": (info_own**2).sum(1)}
+    low = information_gain(sums["information_sum"], sums["base_information_sum"], sums["information_count"],
+                           sums["information_gain_sq_sum"])
+    assert low[0] == 0 and low[1] == 0 and low[3] > 0  # the skill's bound is 0 too: only its estimate differs
+    assert output_only(sums, own.sum(1), np.full(4, m)).tolist() == [True, False, False, False]
+    assert output_only({k: v for k, v in sums.items() if k != "base_loglik_sum"}, own.sum(1), np.full(4, m)) is None
 
 
 def test_a_one_example_task_has_no_information_estimate():

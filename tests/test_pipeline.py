@@ -129,6 +129,11 @@ def test_run_directory_follows_the_contract(run_dir):
         assert t["nearest"] in names and t["nearest"] != name and 0 <= t["nearest_stability"] <= 1, (name, t)
     info = {n: signal["tasks"][n]["information_gain_low"] for n in ("noise_a", "reverse_a")}
     assert info["noise_a"] <= 0 < info["reverse_a"], info
+    # noise: answers learned, no dependence on the prompt; flagged, warned about, and the prior pays it nothing
+    assert signal["tasks"]["noise_a"]["output_only"] and not signal["tasks"]["reverse_a"]["output_only"]
+    assert any("'noise_a'" in w and "dependence on the prompt" in w for w in signal["warnings"])
+    default = json.loads((run_dir / "estimate" / "mixture.json").read_text())["weights"]
+    assert default["noise_a"] <= 0.25 / len(names), default
 
 
 def _wandb_records(run: Path) -> list[dict]:

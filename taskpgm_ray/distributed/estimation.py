@@ -572,7 +572,6 @@ def _estimate_active(cfg, tasks, shards, order, records, pool, progress) -> dict
     """
     from taskpgm_ray.distributed.solve import mixture_caps, solve_from_sums
     from taskpgm_ray.mixture.active import complete_likelihoods, initial_pairs, mixture_certainty, next_pairs
-    from taskpgm_ray.mixture.signal import information_gain
 
     e, n, seed = cfg.estimation, len(tasks), cfg.probes.seed
     by_task = [[s for s in shards if s.task == j] for j in range(n)]  # shard r of task j: by_task[j][r]
@@ -627,14 +626,12 @@ def _estimate_active(cfg, tasks, shards, order, records, pool, progress) -> dict
         if todo:
             pool.score(todo, after=after)
         scored, Y = scored_units()
-        # the energy's inputs besides L: the information unary from the base and rotated scorings of every shard
+        # the energy's inputs besides L: the signal sums from the base and rotated scorings of every shard
         _, _, _, _, sig = _totals([_shard_sums(s, records[s.index], order, False) for s in shards], n)
-        info = information_gain(sig["information_sum"], sig["base_information_sum"], sig["information_count"],
-                                sig["information_gain_sq_sum"])
 
-        def solve(L: np.ndarray, info: np.ndarray | None = info) -> np.ndarray:
+        def solve(L: np.ndarray, sig: dict = sig) -> np.ndarray:
             return solve_from_sums(L * N[None, :], N, None, None, cfg.energy, utilities=utilities,
-                                   information=info, max_weights=caps, sizes=sizes)[0]
+                                   signal=sig, max_weights=caps, sizes=sizes)[0]
 
         comp = complete_likelihoods(Y, count, scored, seed=seed, noise_var=_example_noise(by_task, records, order))
         cert = mixture_certainty(comp, solve, tol=e.active_tol, level=ACTIVE_LEVEL, n_boot=ACTIVE_DRAWS, seed=seed)
@@ -763,9 +760,7 @@ def _per_example(shards: list[Shard], used: list[int], records: dict, order: lis
             "own_rotated": np.concatenate(own_rot), "base_rotated": np.concatenate(base_rot)}
 
 
-# A proxy "learned" when its relative NLL gain over the base on its own probe set is at least this and its
-# bootstrap interval excludes 0; the affinity "has signal" when its SNR is at least this.
-MIN_GAIN = 0.05
+# The affinity "has signal" when its SNR is at least this (a proxy "learned": mixture.signal.MIN_GAIN).
 MIN_SNR = 2.0
 
 
@@ -773,7 +768,7 @@ def signal_checks(names: list[str], examples: dict[str, np.ndarray], *, n_boot: 
                   seed: int = 0) -> dict:
     """Did each proxy learn its task, does each task's output depend on its input, and can the affinity be
     told from noise: the ``estimate/signal.json`` content, with plain-language ``warnings``."""
-    from taskpgm_ray.mixture.signal import affinity_snr, input_information, proxy_gains
+    from taskpgm_ray.mixture.signal import MIN_GAIN, affinity_snr, input_information, output_only, proxy_gains
 
     n = len(names)
     col = [np.flatnonzero(examples["task"] == j) for j in range(n)]
@@ -788,6 +783,15 @@ def signal_checks(names: list[str], examples: dict[str, np.ndarray], *, n_boot: 
     complete = bool(np.all(np.isfinite(examples["loglik"])))
     snr = affinity_snr([examples["loglik"][:, c] for c in col], n_boot=n_boot, seed=seed) \
         if n >= 2 and complete else None
+    # The same per-task sums the energy sees, so that `output_only` here is what the solver applies.
+    own_info = [examples["loglik"][j, r] - examples["own_rotated"][r] for j, r in enumerate(rot)]
+    base_info = [examples["base"][r] - examples["base_rotated"][r] for r in rot]
+    sums = {"base_loglik_sum": np.array([b.sum() for b in base]),
+            "information_sum": np.array([x.sum() for x in own_info]),
+            "base_information_sum": np.array([x.sum() for x in base_info]),
+            "information_count": np.array([len(r) for r in rot]),
+            "information_gain_sq_sum": np.array([np.sum((x - y) ** 2) for x, y in zip(own_info, base_info)])}
+    flagged = output_only(sums, np.array([o.sum() for o in own]), np.array([len(c) for c in col]))
     tasks, warnings = {}, []
     for j, name in enumerate(names):
         g, inf = gains[j], info[j]
@@ -795,7 +799,8 @@ def signal_checks(names: list[str], examples: dict[str, np.ndarray], *, n_boot: 
         tasks[name] = {"base_nll": g.base_nll, "proxy_nll": g.proxy_nll, "gain": g.gain, "gain_low": g.low,
                        "gain_high": g.high, "learned": learned, "examples": g.examples,
                        "information": inf.proxy, "base_information": inf.base, "information_gain": inf.gain,
-                       "information_gain_low": inf.low, "information_gain_high": inf.high}
+                       "information_gain_low": inf.low, "information_gain_high": inf.high,
+                       "output_only": bool(flagged is not None and flagged[j])}
         if snr is not None:
             # Under log-likelihood, a proxy that learned no input-output mapping (noise) hedges over every
             # answer and so looks near every task; the nearest *informative* task leaves those out.
@@ -807,6 +812,11 @@ def signal_checks(names: list[str], examples: dict[str, np.ndarray], *, n_boot: 
             warnings.append(f"the proxy of task {name!r} did not learn it: NLL {g.base_nll:.2f} -> {g.proxy_nll:.2f} "
                             f"nats/example ({g.gain:+.1%}, 90% interval {g.low:+.1%} to {g.high:+.1%}); raise "
                             f"probes.steps or probes.lr, or check the task's data")
+        elif tasks[name]["output_only"]:
+            warnings.append(f"task {name!r}: its proxy learned the answers (NLL {-g.gain:+.0%}) but not their "
+                            f"dependence on the prompt (information gain {inf.gain:+.2f} nats/example): its "
+                            f"targets are noise, or a skill beyond the proxy; the energy's prior gives it no "
+                            f"share for its size")
         elif np.isfinite(inf.high) and inf.high <= 0:
             warnings.append(f"task {name!r}: its proxy's answers depend on the input no more than the base's "
                             f"(information gain {inf.gain:+.2f} nats/example, 90% interval {inf.low:+.2f} to "
@@ -954,7 +964,6 @@ def _write_outputs(cfg, tasks, loglik_sum, count, jsd_sum, tok_by_task, progress
     """likelihoods.npz (with ``measured``), jsd.npz (the JSD sums per proxy pair), the heatmap and the
     default-hyperparameter mixture.json."""
     from taskpgm_ray.distributed.solve import affinity_from_sums, mixture_caps, solve_from_sums
-    from taskpgm_ray.mixture.signal import information_gain
     from taskpgm_ray.mixture_file import save_likelihoods, write_mixture
     from taskpgm_ray.report import plot_affinity
 
@@ -973,9 +982,7 @@ def _write_outputs(cfg, tasks, loglik_sum, count, jsd_sum, tok_by_task, progress
     e = cfg.energy
     weights, sol, _ = solve_from_sums(
         loglik_sum, count, jsd_sum, tokens, e, utilities=[t.utility for t in tasks],
-        information=information_gain(signal_sums["information_sum"], signal_sums["base_information_sum"],
-                                     signal_sums["information_count"], signal_sums["information_gain_sq_sum"]),
-        max_weights=mixture_caps(cfg, tasks), sizes=sizes)
+        signal=signal_sums, max_weights=mixture_caps(cfg, tasks), sizes=sizes)
     affinity = affinity_from_sums(loglik_sum, count, jsd_sum, tokens, e.affinity)
     (out / "estimate").mkdir(parents=True, exist_ok=True)
     written["heatmap"] = str(plot_affinity(names, affinity, out / "estimate" / "affinity.png",
@@ -1012,10 +1019,10 @@ def _log_wandb(cfg: Config, progress: dict, result: dict, signal: dict) -> None:
             columns=["proxy", "task", "measured"],
             data=[[names[i], names[j], v] for i, row in enumerate(progress["measured"]) for j, v in enumerate(row)])})
         run.log({"estimate/affinity": wandb.Image(result["paths"]["heatmap"])})
-        rows = [[k, v["gain"], v["gain_low"], v["gain_high"], v["learned"], v["information_gain"]]
+        rows = [[k, v["gain"], v["gain_low"], v["gain_high"], v["learned"], v["information_gain"], v["output_only"]]
                 for k, v in signal["tasks"].items()]
         run.log({"estimate/signal": wandb.Table(columns=["task", "gain", "gain_low", "gain_high", "learned",
-                                                         "information_gain"], data=rows)})
+                                                         "information_gain", "output_only"], data=rows)})
         certainty = progress["certainty"] or {}
         run.summary.update({"fraction_used": progress["fraction_used"], "energy": result["energy"],
                             "active": progress["active"], "fraction_pairs": progress["fraction_pairs"],

@@ -17,7 +17,7 @@ import numpy as np
 
 from taskpgm_ray.config import EnergyConfig, StableConfig
 from taskpgm_ray.distributed.solve import solve_from_sums
-from taskpgm_ray.mixture.signal import information_gain
+from taskpgm_ray.mixture_file import SIGNAL_ARRAYS
 
 
 @dataclass
@@ -64,7 +64,7 @@ class MixtureOptimizer:
         self._count = np.zeros(n)
         self._jsd_sum = np.zeros((n, n))
         self._tokens = 0
-        self._info = np.zeros((4, n))  # information, base information, example counts, squared gains
+        self._info = np.zeros((5, n))  # the signal sums (SIGNAL_ARRAYS) per task
         self._weights: np.ndarray | None = None  # the latest mixture (None until every column has data)
         self._streak = 0  # consecutive updates whose L1 change was below tol
         self._trajectory: list[dict] = []  # one entry per solved update
@@ -77,8 +77,7 @@ class MixtureOptimizer:
         if shard.jsd_sum is not None:
             self._jsd_sum += shard.jsd_sum
             self._tokens += shard.tokens
-        self._info[:, shard.task] += (shard.information, shard.base_information, shard.information_count,
-                                      shard.information_sq)
+        self._info[:, shard.task] += _signal_row(shard)
         if np.all(self._count > 0) and self._ready():
             weights = self._solve(self._loglik_sum, self._count, self._jsd_sum, self._tokens, self._info)
             change = float(np.abs(weights - self._weights).sum()) if self._weights is not None else float("inf")
@@ -121,13 +120,13 @@ class MixtureOptimizer:
         samples = []
         for _ in range(n_boot):
             ll, cnt, jsd, tok = np.zeros((self._n, self._n)), np.zeros(self._n), np.zeros((self._n, self._n)), 0
-            info = np.zeros((4, self._n))
+            info = np.zeros((5, self._n))
             for j, group in enumerate(by_task):
                 for k in rng.integers(0, len(group), len(group)):
                     s = group[k]
                     ll[:, j] += s.loglik
                     cnt[j] += s.count
-                    info[:, j] += (s.information, s.base_information, s.information_count, s.information_sq)
+                    info[:, j] += _signal_row(s)
                     if s.jsd_sum is not None:
                         jsd += s.jsd_sum
                         tok += s.tokens
@@ -140,11 +139,18 @@ class MixtureOptimizer:
 
     def _ready(self) -> bool:
         """Whether the energy's inputs exist yet (the information unary needs a rotated pair per task)."""
-        return self._energy.unary != "information" or bool(np.all(self._info[2] > 0))
+        return self._energy.unary != "information" or bool(np.all(self._info[SIGNAL_ARRAYS.index("information_count")]
+                                                                 > 0))
 
     def _solve(self, loglik_sum, count, jsd_sum, tokens, info) -> np.ndarray:
         jsd = (jsd_sum, tokens) if tokens > 0 else (None, None)
         weights, _, _ = solve_from_sums(loglik_sum, count, *jsd, self._energy, utilities=self._utilities,
-                                        information=information_gain(*info), max_weights=self._max_weights,
+                                        signal=dict(zip(SIGNAL_ARRAYS, info)), max_weights=self._max_weights,
                                         sizes=self._sizes)
         return weights
+
+
+def _signal_row(s: ShardSums) -> tuple[float, float, float, int, float]:
+    """A shard's contribution to the per-task signal sums, in ``SIGNAL_ARRAYS`` order (likelihoods.npz's names)."""
+    return s.base, s.information, s.base_information, s.information_count, s.information_sq
+

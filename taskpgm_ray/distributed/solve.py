@@ -7,7 +7,7 @@ for other energy hyperparameters.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -67,7 +67,7 @@ def mixture_caps(cfg, tasks) -> np.ndarray | None:
 
 def solve_from_sums(loglik_sum: np.ndarray, count: np.ndarray, jsd_sum: np.ndarray | None,
                     jsd_count: float | np.ndarray | None, energy_cfg: EnergyConfig,
-                    utilities: Sequence[float | None] | None = None, information: np.ndarray | None = None,
+                    utilities: Sequence[float | None] | None = None, signal: Mapping[str, np.ndarray] | None = None,
                     max_weights: np.ndarray | None = None, sizes: Sequence[int] | None = None):
     """Solve the TaskPGM mixture from estimation sums with a config's energy (``mixture.taskpgm_mixture``).
 
@@ -77,8 +77,9 @@ def solve_from_sums(loglik_sum: np.ndarray, count: np.ndarray, jsd_sum: np.ndarr
         jsd_sum, jsd_count: (n, n) summed per-token JSD and the number of tokens (or None without JSD).
         energy_cfg: every ``energy`` setting.
         utilities: per-task utilities, needed when ``energy_cfg.unary == "utility"``.
-        information: (n,) each proxy's input-output information gain over the base on its own task
-            (``mixture.signal.information_gain``), needed when ``energy_cfg.unary == "information"``.
+        signal: the estimate stage's per-task signal sums (``mixture_file.SIGNAL_ARRAYS``): the information
+            unary (``mixture.signal.information_gain``, needed when ``energy_cfg.unary == "information"``) and
+            the tasks the prior skips (``mixture.signal.output_only``) come from them.
         max_weights: (n,) per-task upper bounds (``weight_caps``), combined with ``energy_cfg.max_weight``.
         sizes: (n,) training examples per task, needed by the size and temperature priors.
 
@@ -86,9 +87,17 @@ def solve_from_sums(loglik_sum: np.ndarray, count: np.ndarray, jsd_sum: np.ndarr
         ``(weights (n,), MixtureSolution, K)`` where K is the (n, n) energy matrix before the prior term.
         With a budget k < n the other weights are 0 (``solution.extra["selected"]`` lists the chosen tasks).
     """
+    from taskpgm_ray.mixture.signal import information_gain, output_only
     from taskpgm_ray.mixture.taskpgm import taskpgm_mixture
 
     e = energy_cfg
+    information = skip = None
+    if signal is not None and all(signal.get(k) is not None for k in ("information_sum", "base_information_sum",
+                                                                      "information_count")):
+        information = information_gain(signal["information_sum"], signal["base_information_sum"],
+                                       signal["information_count"], signal.get("information_gain_sq_sum"))
+    if signal is not None and e.prior_skip_output_only:
+        skip = output_only(signal, np.diag(np.asarray(loglik_sum, dtype=np.float64)), count)
     jsd_mean = None
     if e.affinity == "jsd":
         if jsd_sum is None or jsd_count is None or np.any(np.asarray(jsd_count, dtype=np.float64) <= 0):
@@ -101,6 +110,6 @@ def solve_from_sums(loglik_sum: np.ndarray, count: np.ndarray, jsd_sum: np.ndarr
         loglik_sum, count, beta=e.beta, lam=e.lam, affinity=e.affinity, jsd_mean=jsd_mean, kernel=e.kernel,
         tau=e.tau, eps=e.eps, unary=e.unary, information=information,
         utilities=list(utilities) if utilities is not None else None, normalize=e.normalize, prior=e.prior,
-        prior_temperature=e.prior_temperature, prior_strength=e.prior_strength, sizes=sizes, floor=e.floor,
-        min_weight=e.min_weight, max_weight=upper, budget=e.budget, method=e.method)
+        prior_temperature=e.prior_temperature, prior_strength=e.prior_strength, sizes=sizes, prior_skip=skip,
+        floor=e.floor, min_weight=e.min_weight, max_weight=upper, budget=e.budget, method=e.method)
     return np.asarray(sol.weights, dtype=np.float64), sol, sol.extra["K"]

@@ -10,6 +10,9 @@ Pure numpy, from per-example response log-likelihoods on the probe sets (the est
   input and output under the model (nats per example). A task whose targets do not depend on the input
   (noise) has ``I ~ 0`` under any model; fine-tuning on a real skill raises it. ``gain`` is the proxy's
   I minus the base model's: how much input-dependence fine-tuning on the task added.
+- ``output_only``: tasks whose proxy learned the answers (own gain at least ``MIN_GAIN``) but added no
+  input-output information (its lower bound is 0 and its estimate under ``MIN_GAIN`` of the base NLL): data
+  whose targets ignore the prompt. The energy's prior leaves them out (``taskpgm_mixture(prior_skip=...)``).
 - ``affinity_snr``: the PMI affinity's spread across task pairs over its sampling noise (bootstrap over
   each task's probe examples), and how often each task's nearest neighbour survives a resample.
 
@@ -19,12 +22,17 @@ percentile bootstrap (Efron & Tibshirani 1993).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from taskpgm_ray.mixture.affinity import pmi_affinity
+
+# A proxy "learned" when its relative NLL gain over the base on its own probe set is at least this (the
+# signal checks also ask its bootstrap interval to exclude 0); information under this share of the base NLL
+# is negligible.
+MIN_GAIN = 0.05
 
 
 @dataclass
@@ -82,6 +90,42 @@ def information_gain(information_sum: np.ndarray, base_information_sum: np.ndarr
     var = np.maximum(np.asarray(gain_sq_sum, dtype=np.float64) / cnt - mean**2, 0.0) * cnt / np.maximum(cnt - 1, 1)
     se = np.where(cnt > 1, np.sqrt(var / cnt), np.inf)
     return np.maximum(0.0, mean - z * se)
+
+
+def output_only(signal: Mapping[str, np.ndarray], own_loglik_sum: np.ndarray, count: np.ndarray, *,
+                min_gain: float = MIN_GAIN) -> np.ndarray | None:
+    """Per task, whether its proxy learned the answers but not their dependence on the prompt.
+
+    True where the own proxy's relative gain over the base, ``1 - NLL_proxy / NLL_base``, is at least
+    ``min_gain``, the information gain's lower bound (``information_gain``) is 0, and its estimate is under
+    ``min_gain`` of the base NLL: negligible, not merely uncertain (a small probe set of a real skill has a wide
+    interval but a clearly positive estimate). A proxy that learned nothing is not flagged: no evidence is not
+    evidence of noise.
+
+    Args:
+        signal: per-task sums as ``likelihoods.npz`` stores them: ``base_loglik_sum``, ``information_sum``,
+            ``base_information_sum``, ``information_count`` and optionally ``information_gain_sq_sum``.
+        own_loglik_sum: (n,) each task's own proxy's summed log-likelihood on its probe set (the diagonal).
+        count: (n,) the probe examples in those sums.
+
+    Returns:
+        (n,) bool, or None when a sum is missing or some task has no rotated pair yet.
+    """
+    need = ("base_loglik_sum", "information_sum", "base_information_sum", "information_count")
+    if any(signal.get(k) is None for k in need):
+        return None
+    low = information_gain(signal["information_sum"], signal["base_information_sum"], signal["information_count"],
+                           signal.get("information_gain_sq_sum"))
+    if low is None:
+        return None
+    count = np.maximum(np.asarray(count, dtype=np.float64), 1.0)
+    base_nll = -np.asarray(signal["base_loglik_sum"], dtype=np.float64) / count
+    proxy_nll = -np.asarray(own_loglik_sum, dtype=np.float64) / count
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gain = np.where(base_nll > 0, 1.0 - proxy_nll / base_nll, 0.0)
+    mean = (np.asarray(signal["information_sum"], dtype=np.float64) - np.asarray(signal["base_information_sum"])) \
+        / np.asarray(signal["information_count"], dtype=np.float64)
+    return (gain >= min_gain) & (low <= 0) & (mean < min_gain * base_nll)
 
 
 def _check_pairs(a: Sequence[np.ndarray], b: Sequence[np.ndarray], names: tuple[str, str]) -> None:

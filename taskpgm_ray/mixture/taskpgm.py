@@ -7,7 +7,7 @@ Start here. Every step is one of the named pieces of ``taskpgm_ray.mixture``; th
     K         = energy_matrix(A, kernel)                symmetric PSD: psd shift | eigenvalue clip | exp
     u         = row sums of K (representativeness)  |  information gain  |  user utilities
     normalize:  K <- K / mean(diag K),  u <- u / max|u|
-    prior:      + (mu / 2) sum_i (p_i - q_i)^2 / q_i,   q = uniform | size | temperature(T) mixture
+    prior:      + (mu / 2) sum_{i not skipped} (p_i - q_i)^2 / q_i,   q = uniform | size | temperature(T) mixture
     bounds:     lo_i = max(min_weight, floor / n), hi_i = max_weight (e.g. repetition caps)
     p         = argmin_{p in simplex, lo <= p <= hi} (lam / 2) p^T K p - beta u^T p + prior(p)
 
@@ -15,7 +15,10 @@ The prior term is quadratic: on the simplex it equals ``(mu / 2) p^T diag(1/q) p
 problem stays the QP that ``minimize_energy`` solves, with the matrix ``lam K + mu diag(1/q)`` (and lam = 1
 passed to the solver). Its role: a small dataset saturates sooner than a large one, which the affinity does
 not know; with q a temperature mixture, large mu gives temperature sampling and the energy moves mass
-away from it where the proxies' evidence says so (noise, redundancy, information).
+away from it where the proxies' evidence says so (noise, redundancy, information). ``prior_skip`` leaves
+tasks out of the prior (q renormalised over the rest): the pipeline passes the tasks whose proxy learned the
+answers but not their dependence on the prompt (``signal.output_only``), whose data would otherwise keep a
+share for its size although nothing in it is worth learning (measured: README, "The energy, measured").
 
 The paper's energy (TaskPGM, arXiv 2507.12612) is ``kernel="psd", unary="representativeness",
 normalize=False, prior="none", floor=0``. The defaults differ because of what was measured on the synthetic
@@ -60,6 +63,7 @@ def taskpgm_mixture(
     prior_temperature: float = 2.0,
     prior_strength: float = 0.3,
     sizes: Sequence[int] | None = None,
+    prior_skip: np.ndarray | None = None,
     floor: float = 0.2,
     min_weight: float | np.ndarray | None = None,
     max_weight: float | np.ndarray | None = None,
@@ -79,6 +83,8 @@ def taskpgm_mixture(
         normalize: scale K to mean diagonal 1 and u to max |u| = 1.
         prior, prior_temperature, prior_strength: the baseline mixture q the energy leans towards, and mu.
         sizes: (n,) training examples per task (needed by the size and temperature priors).
+        prior_skip: (n,) bool, tasks the prior leaves out (no pull on them either way); q is renormalised
+            over the others.
         floor: every task gets at least ``floor / n`` (a fraction of its uniform weight; capped by
             ``max_weight``): a task left out of the fine-tune loses even its answer format, which costs far
             more loss than the few examples the floor spends (measured: README).
@@ -132,10 +138,17 @@ def taskpgm_mixture(
         u = u / top if top > 0 else u
 
     q = _prior(prior, sizes, prior_temperature, n)
+    skip = np.zeros(n, bool) if prior_skip is None else np.asarray(prior_skip, dtype=bool)
+    if q is not None and skip.shape != (n,):
+        raise ValueError(f"prior_skip must be {n} booleans, got shape {skip.shape}")
+    if q is not None and skip.any():
+        q = None if skip.all() else np.where(skip, 0.0, q) / q[~skip].sum()
     matrix, solver_lam = K, lam
     if q is not None and prior_strength > 0:
-        # (lam/2) p^T K p + (mu/2) sum (p_i - q_i)^2 / q_i = (1/2) p^T (lam K + mu diag(1/q)) p + const on the simplex
-        matrix, solver_lam = lam * K + prior_strength * np.diag(1.0 / np.maximum(q, 1e-12)), 1.0
+        # (lam/2) p^T K p + (mu/2) sum (p_i - q_i)^2 / q_i = (1/2) p^T (lam K + mu diag(1/q)) p + const on the
+        # simplex (the sum over the tasks not skipped: their diagonal entries get nothing)
+        pull = np.where(skip, 0.0, 1.0 / np.maximum(q, 1e-12))
+        matrix, solver_lam = lam * K + prior_strength * np.diag(pull), 1.0
 
     lo = np.maximum(np.zeros(n) if min_weight is None else np.broadcast_to(min_weight, (n,)), floor / n)
     if max_weight is not None:
