@@ -204,8 +204,8 @@ class EnergyConfig:
     prior_temperature: float = doc("T of the temperature prior q_i ~ N_i^(1/T)", 2.0)
     prior_strength: float = doc("weight of the prior term (0: none; large: the prior itself)", 0.3)
     prior_skip_output_only: bool = doc(
-        "leave out of the prior the tasks whose proxy learned the answers but not their dependence on the prompt "
-        "(estimate/signal.json `output_only`: targets that ignore the input, e.g. noise): no share for their size",
+        "the prior's baseline gives only the floor to tasks whose proxy learned the answers but not their dependence "
+        "on the prompt (estimate/signal.json `output_only`: targets that ignore the input, e.g. noise)",
         True)
     floor: float = doc("every task gets at least floor / n, a fraction of its uniform weight (capped by the "
                        "repetition cap): a task left out loses even its answer format", 0.2)

@@ -143,7 +143,8 @@ def test_default_energy_is_the_documented_algorithm_box():
 
 def test_the_prior_gives_a_task_whose_answers_ignore_the_prompt_no_share_for_its_size():
     """Task 3 is the largest and its proxy learned its answers (NLL 6 -> 2) but no input dependence: with the
-    default energy the prior skips it (q renormalised over the others) and it keeps about the floor."""
+    default energy the prior's baseline gives it only the floor (the others share the rest in proportion), so
+    it keeps the floor, also when repetition caps push mass away from the others."""
     from taskpgm_ray.mixture import baseline_weights
 
     L, count, sizes = mean_loglik(), np.array([5, 6, 7, 8]), np.array([800, 800, 50, 3000])
@@ -151,15 +152,24 @@ def test_the_prior_gives_a_task_whose_answers_ignore_the_prompt_no_share_for_its
     e = EnergyConfig()
     w, sol, K = solve_from_sums(L * count[None, :], count, None, None, e, signal=signal, sizes=sizes)
     q = baseline_weights("temperature", sizes, temperature=e.prior_temperature)
-    q_kept = np.where([0, 0, 0, 1], 0.0, q) / q[:3].sum()
-    np.testing.assert_allclose(sol.extra["q"], q_kept, atol=1e-12)
-    pull = np.array([1 / q_kept[0], 1 / q_kept[1], 1 / q_kept[2], 0.0])
-    ref = minimize_energy(e.lam * K + e.prior_strength * np.diag(pull), beta=e.beta, lam=1.0,
-                          unary=np.array([4.0, 3.0, 0.5, 0.0]) / 4.0, min_weight=e.floor / N)
+    lo = e.floor / N
+    q_ref = np.append(q[:3] * (1 - lo) / q[:3].sum(), lo)
+    np.testing.assert_allclose(sol.extra["q"], q_ref, atol=1e-12)
+    ref = minimize_energy(e.lam * K + e.prior_strength * np.diag(1 / q_ref), beta=e.beta, lam=1.0,
+                          unary=np.array([4.0, 3.0, 0.5, 0.0]) / 4.0, min_weight=lo)
     np.testing.assert_allclose(w, ref.weights, atol=1e-10)
+    assert w[3] < 1.01 * lo
+    caps = np.array([0.3, 0.3, 1.0, 1.0])  # the two informative tasks capped: the rest must go somewhere
+    capped, _, _ = solve_from_sums(L * count[None, :], count, None, None, e, signal=signal, sizes=sizes,
+                                   max_weights=caps)
+    assert capped[3] < capped[2] and capped[3] < 0.2, capped
     kept, _, _ = solve_from_sums(L * count[None, :], count, None, None,
                                  dataclasses.replace(e, prior_skip_output_only=False), signal=signal, sizes=sizes)
-    assert w[3] < 1.1 * e.floor / N < 2 * e.floor / N < kept[3]  # without the switch its 3,000 examples earn it a share
+    assert kept[3] > 2 * lo  # without the switch its 3,000 examples earn it a share
+    # without a floor, the baseline gives it 0: the chi-square term holds it at 0
+    bare, _, _ = solve_from_sums(L * count[None, :], count, None, None, dataclasses.replace(e, floor=0.0),
+                                 signal=signal, sizes=sizes)
+    assert bare[3] == 0.0 and abs(bare.sum() - 1) < 1e-9
     # a proxy that learned nothing (NLL unchanged) is no evidence of noise: the prior keeps it
     unlearned = {**signal, "base_loglik_sum": L[3, 3] * count}
     same, _, _ = solve_from_sums(L * count[None, :], count, None, None, e, signal=unlearned, sizes=sizes)

@@ -7,7 +7,7 @@ Start here. Every step is one of the named pieces of ``taskpgm_ray.mixture``; th
     K         = energy_matrix(A, kernel)                symmetric PSD: psd shift | eigenvalue clip | exp
     u         = row sums of K (representativeness)  |  information gain  |  user utilities
     normalize:  K <- K / mean(diag K),  u <- u / max|u|
-    prior:      + (mu / 2) sum_{i not skipped} (p_i - q_i)^2 / q_i,   q = uniform | size | temperature(T) mixture
+    prior:      + (mu / 2) sum_i (p_i - q_i)^2 / q_i,   q = uniform | size | temperature(T) mixture
     bounds:     lo_i = max(min_weight, floor / n), hi_i = max_weight (e.g. repetition caps)
     p         = argmin_{p in simplex, lo <= p <= hi} (lam / 2) p^T K p - beta u^T p + prior(p)
 
@@ -15,9 +15,9 @@ The prior term is quadratic: on the simplex it equals ``(mu / 2) p^T diag(1/q) p
 problem stays the QP that ``minimize_energy`` solves, with the matrix ``lam K + mu diag(1/q)`` (and lam = 1
 passed to the solver). Its role: a small dataset saturates sooner than a large one, which the affinity does
 not know; with q a temperature mixture, large mu gives temperature sampling and the energy moves mass
-away from it where the proxies' evidence says so (noise, redundancy, information). ``prior_skip`` leaves
-tasks out of the prior (q renormalised over the rest): the pipeline passes the tasks whose proxy learned the
-answers but not their dependence on the prompt (``signal.output_only``), whose data would otherwise keep a
+away from it where the proxies' evidence says so (noise, redundancy, information). ``prior_skip`` names tasks
+whose baseline weight is only their lower bound (the floor): the pipeline passes the tasks whose proxy learned
+the answers but not their dependence on the prompt (``signal.output_only``), whose data would otherwise keep a
 share for its size although nothing in it is worth learning (measured: README, "The energy, measured").
 
 The paper's energy (TaskPGM, arXiv 2507.12612) is ``kernel="psd", unary="representativeness",
@@ -83,8 +83,8 @@ def taskpgm_mixture(
         normalize: scale K to mean diagonal 1 and u to max |u| = 1.
         prior, prior_temperature, prior_strength: the baseline mixture q the energy leans towards, and mu.
         sizes: (n,) training examples per task (needed by the size and temperature priors).
-        prior_skip: (n,) bool, tasks the prior leaves out (no pull on them either way); q is renormalised
-            over the others.
+        prior_skip: (n,) bool, tasks the prior's baseline gives only their lower bound (``floor / n``; 0 without
+            a floor, which holds them at 0); the others share the rest of q in proportion.
         floor: every task gets at least ``floor / n`` (a fraction of its uniform weight; capped by
             ``max_weight``): a task left out of the fine-tune loses even its answer format, which costs far
             more loss than the few examples the floor spends (measured: README).
@@ -137,23 +137,31 @@ def taskpgm_mixture(
         top = float(np.max(np.abs(u)))
         u = u / top if top > 0 else u
 
+    lo = np.maximum(np.zeros(n) if min_weight is None else np.broadcast_to(min_weight, (n,)), floor / n)
+    hi = None if max_weight is None else np.broadcast_to(max_weight, (n,)).astype(np.float64)
+    if hi is not None:
+        lo = np.minimum(lo, hi)
+
     q = _prior(prior, sizes, prior_temperature, n)
     skip = np.zeros(n, bool) if prior_skip is None else np.asarray(prior_skip, dtype=bool)
     if q is not None and skip.shape != (n,):
         raise ValueError(f"prior_skip must be {n} booleans, got shape {skip.shape}")
     if q is not None and skip.any():
-        q = None if skip.all() else np.where(skip, 0.0, q) / q[~skip].sum()
+        # The baseline gives a skipped task only its lower bound; the others share the rest as before. (Dropping
+        # its term instead would leave it the one task without the prior's curvature: the cheapest to fill.)
+        rest = 1.0 - float(lo[skip].sum())
+        q = None if skip.all() or rest <= 0 else np.where(skip, lo, q * rest / q[~skip].sum())
     matrix, solver_lam = K, lam
     if q is not None and prior_strength > 0:
         # (lam/2) p^T K p + (mu/2) sum (p_i - q_i)^2 / q_i = (1/2) p^T (lam K + mu diag(1/q)) p + const on the
-        # simplex (the sum over the tasks not skipped: their diagonal entries get nothing)
-        pull = np.where(skip, 0.0, 1.0 / np.maximum(q, 1e-12))
+        # simplex; a zero q_i (a skipped task without a floor) allows only p_i = 0: its bound, not its curvature
+        zero = q <= 0
+        if zero.any():
+            hi = np.where(zero, 0.0, np.ones(n) if hi is None else hi)
+        pull = np.where(zero, 0.0, 1.0 / np.where(zero, 1.0, q))
         matrix, solver_lam = lam * K + prior_strength * np.diag(pull), 1.0
 
-    lo = np.maximum(np.zeros(n) if min_weight is None else np.broadcast_to(min_weight, (n,)), floor / n)
-    if max_weight is not None:
-        lo = np.minimum(lo, np.broadcast_to(max_weight, (n,)))
-    bounds = {"min_weight": lo if np.any(lo > 0) else None, "max_weight": max_weight}
+    bounds = {"min_weight": lo if np.any(lo > 0) else None, "max_weight": hi}
     extra = {"affinity": A, "K": K, "u": u, "q": q}
     if budget is not None and budget < n:
         keep = np.asarray(select_budgeted(matrix, budget, beta=beta, lam=solver_lam, unary=u))
