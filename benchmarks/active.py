@@ -13,8 +13,9 @@ as a sequence of scorings:
            changes below tol (min_fraction 0.1);
 * random   (proxy, task) pairs in random order (the diagonal first), every shard of a pair at once, the
            matrix filled by ``complete_likelihoods``;
-* certain  the certainty stop rule (``mixture_certainty``, level 0.9, 64 draws) on the random order and on
-           active, stopping at the first certain check, or at the second certain check in a row;
+* certain  the certainty stop rule (``mixture_certainty``, level 0.9, 64 draws, the declared L1 a 95% upper
+           confidence bound on the 0.9 quantile) on the random order and on active, stopping at the first
+           certain check, or at the second certain check in a row;
 * active   ``initial_pairs`` (every diagonal in full, 2 more proxies per task in full, 5% of the other
            pairs on one shard), then rounds of ``next_pairs`` with 1% of all (proxy, shard) units each.
 
@@ -315,7 +316,8 @@ def main() -> int:
         f"start {os.getloadavg()[0]:.1f}); energy: pmi, psd kernel, beta = lam = 1, exact solver")
     say("generative model: clusters of related tasks, 10% noise and 15% low-value tasks; per-example std "
         "U(1, 3) nats, 75% of its variance shared by all proxies; 64 probe examples per task in 4 shards of 16")
-    say(f"certainty rule: level {LEVEL}, {N_BOOT} bootstrap draws, stop at the first certain check or at the "
+    say(f"certainty rule: level {LEVEL}, {N_BOOT} bootstrap draws (declared L1: 95% upper confidence bound on the "
+        f"{LEVEL} quantile), stop at the first certain check or at the "
         f"second in a row; active: first pass = diagonal + 2 full proxies per task + 5% of pairs on one shard, "
         f"then 1% of the units per round")
     record: dict = {"config": {"tols": TOLS, "level": LEVEL, "n_boot": N_BOOT, "examples": 64, "shard": 16,
