@@ -153,4 +153,3 @@ class MixtureOptimizer:
 def _signal_row(s: ShardSums) -> tuple[float, float, float, int, float]:
     """A shard's contribution to the per-task signal sums, in ``SIGNAL_ARRAYS`` order (likelihoods.npz's names)."""
     return s.base, s.information, s.base_information, s.information_count, s.information_sq
-

@@ -12,7 +12,7 @@ Pure numpy, from per-example response log-likelihoods on the probe sets (the est
   I minus the base model's: how much input-dependence fine-tuning on the task added.
 - ``output_only``: tasks whose proxy learned the answers (own gain at least ``MIN_GAIN``) but added no
   input-output information (its lower bound is 0 and its estimate under ``MIN_GAIN`` of the base NLL): data
-  whose targets ignore the prompt. The energy's prior leaves them out (``taskpgm_mixture(prior_skip=...)``).
+  whose targets ignore the prompt. The energy's prior gives them only the floor (``taskpgm_mixture(prior_skip=...)``).
 - ``affinity_snr``: the PMI affinity's spread across task pairs over its sampling noise (bootstrap over
   each task's probe examples), and how often each task's nearest neighbour survives a resample.
 
