@@ -104,6 +104,7 @@ def bench_anytime(cfg, lines: list[str]) -> None:
         scoring_settings,
     )
     from taskpgm_ray.distributed.optimizer import MixtureOptimizer
+    from taskpgm_ray.distributed.solve import mixture_caps
     from taskpgm_ray.tasks import load_tasks
 
     tasks = load_tasks(cfg)
@@ -120,7 +121,9 @@ def bench_anytime(cfg, lines: list[str]) -> None:
             for g in by_task:
                 rng.shuffle(g)
         seq = [g[r] for r in range(max(map(len, by_task))) for g in by_task if r < len(g)]
-        opt = MixtureOptimizer(len(tasks), len(seq), cfg.energy, rule)
+        # as the estimate stage builds it (caps and sizes: the default energy's prior needs them)
+        opt = MixtureOptimizer(len(tasks), len(seq), cfg.energy, rule, None, mixture_caps(cfg, tasks),
+                               [len(t.train) for t in tasks])
         stop = None
         for k, s in enumerate(seq, start=1):
             if opt.add(s)["stable"] and stop is None:
