@@ -295,6 +295,10 @@ def compare(config: str | None, test_mode: bool, output_dir: str | None, mixture
               show_default=True, help="Baseline mixture the energy leans towards (size/temperature need sizes).")
 @click.option("--prior-temperature", type=float, default=_ENERGY.prior_temperature, show_default=True)
 @click.option("--prior-strength", type=float, default=_ENERGY.prior_strength, show_default=True)
+@click.option("--skip-output-only/--no-skip-output-only", "prior_skip_output_only",
+              default=_ENERGY.prior_skip_output_only, show_default=True,
+              help="The prior gives only the floor to tasks whose proxy learned the answers but not their "
+                   "dependence on the prompt (needs the signal arrays).")
 @click.option("--floor", type=float, default=_ENERGY.floor, show_default=True,
               help="Every task gets at least FLOOR / n (0: none).")
 @click.option("--beta", type=float, default=_ENERGY.beta, show_default=True, help="Weight of the unary term.")
@@ -305,9 +309,9 @@ def compare(config: str | None, test_mode: bool, output_dir: str | None, mixture
 @click.option("--min-weight", type=float, default=None, help="Per-task minimum weight.")
 @click.option("--max-weight", type=float, default=None, help="Per-task maximum weight.")
 def solve(lik_path: str, out: str, affinity: str, jsd_path: str | None, kernel: str, tau: float, unary: str,
-          normalize: bool, prior: str, prior_temperature: float, prior_strength: float, floor: float, beta: float,
-          lam: float,
-          method: str, budget: int | None, min_weight: float | None, max_weight: float | None) -> None:
+          normalize: bool, prior: str, prior_temperature: float, prior_strength: float, prior_skip_output_only: bool,
+          floor: float, beta: float, lam: float, method: str, budget: int | None, min_weight: float | None,
+          max_weight: float | None) -> None:
     """Stage 5 alone: the mixture from a saved likelihood matrix.
 
     The paper's energy exactly: --kernel psd --unary representativeness --no-normalize --prior none --floor 0.
@@ -322,7 +326,8 @@ def solve(lik_path: str, out: str, affinity: str, jsd_path: str | None, kernel: 
     if not beta >= 0:  # E(p) = (lam/2) p^T S p - beta u^T p: beta < 0 rewards leaving out the tasks u favours
         raise BadInput(f"--beta must be >= 0, got {beta:g} (a negative beta turns the unary term upside down)")
     energy = {"affinity": affinity, "kernel": kernel, "tau": tau, "unary": unary, "normalize": normalize,
-              "prior": prior, "prior_temperature": prior_temperature, "prior_strength": prior_strength, "floor": floor,
+              "prior": prior, "prior_temperature": prior_temperature, "prior_strength": prior_strength,
+              "prior_skip_output_only": prior_skip_output_only, "floor": floor,
               "beta": beta, "lam": lam, "method": method, "budget": budget, "min_weight": min_weight,
               "max_weight": max_weight}
     # The same validation as a config file's energy section, so the same mistakes get the same messages.

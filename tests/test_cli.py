@@ -88,6 +88,29 @@ def test_solve_writes_the_contract_mixture_and_exports_round_trip(tmp_path, caps
         assert all(abs(back[t] - w) < tol for t, w in mix["weights"].items()), fmt
 
 
+def test_solve_gives_an_output_only_task_the_floor_unless_told_not_to(tmp_path):
+    """The largest task's proxy learned its answers (base NLL 60 -> 9) but no input dependence: `taskpgm solve`
+    reads that from the signal arrays and its prior pays the task nothing for its size."""
+    import numpy as np
+
+    from taskpgm_ray.mixture_file import read_mixture, save_likelihoods
+
+    L = np.array([[-1.2, -1.35, -2.6, -3.0], [-1.3, -1.1, -2.5, -3.1], [-2.4, -2.3, -0.9, -2.8],
+                  [-2.0, -2.1, -2.2, -0.9]]) * 10
+    count = np.full(4, 10)
+    signal = {"base_loglik_sum": np.full(4, -600.0), "information_sum": np.array([90.0, 80.0, 70.0, 1.0]),
+              "base_information_sum": np.zeros(4), "information_count": count,
+              "information_gain_sq_sum": np.array([900.0, 700.0, 600.0, 40.0])}
+    save_likelihoods(str(tmp_path / "L.npz"), ["math", "algebra", "chat", "noise"], L, count,
+                     np.array([5000, 2000, 500, 50000]), **signal)
+    weights = {}
+    for flag in ("--skip-output-only", "--no-skip-output-only"):
+        out = tmp_path / f"{flag}.json"
+        assert main(["solve", "--likelihoods", str(tmp_path / "L.npz"), "--out", str(out), flag]) == 0
+        weights[flag] = read_mixture(str(out))["weights"]["noise"]
+    assert weights["--skip-output-only"] < 1.05 * 0.2 / 4 < 2 * 0.2 / 4 < weights["--no-skip-output-only"], weights
+
+
 def test_solve_budget_and_bad_input(tmp_path, capsys):
     from taskpgm_ray.mixture_file import read_mixture
 
