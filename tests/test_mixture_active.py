@@ -312,6 +312,33 @@ def test_active_selection_goes_where_the_mixture_is_sensitive():
     assert not cell_scored[:5].any()
 
 
+def test_selection_drops_use_the_nominal_variance_and_the_rule_the_calibrated_one(monkeypatch):
+    """SELECT_NOMINAL: next_pairs' variance drops come from the nominal (point-estimate) prior variance; the
+    estimate, its std and the stop rule's draws are the calibrated model's either way."""
+    import taskpgm_ray.mixture.active as active
+
+    Y, count, _ = clustered(40, 3)
+    scored = initial_pairs(count, fraction=0.2, seed=0)  # enough scored cells to hold a tenth out
+    comp = complete_likelihoods(Y, count, scored)
+    assert active.SELECT_NOMINAL and comp._select_prior_var is not None
+    assert not np.array_equal(comp._select_prior_var, comp._prior_var)
+    cert = mixture_certainty(comp, solve, n_boot=16, seed=2)
+    monkeypatch.setattr(active, "SELECT_NOMINAL", False)
+    calibrated = complete_likelihoods(Y, count, scored)
+    assert calibrated._select_prior_var is None
+    np.testing.assert_array_equal(comp.loglik_mean, calibrated.loglik_mean)
+    np.testing.assert_array_equal(comp.std, calibrated.std)
+    np.testing.assert_array_equal(comp._prior_var, calibrated._prior_var)
+    cert_cal = mixture_certainty(calibrated, solve, n_boot=16, seed=2)
+    np.testing.assert_array_equal(cert.l1, cert_cal.l1)  # the rule: the calibrated model's
+    np.testing.assert_array_equal(cert.sensitivity, cert_cal.sensitivity)
+    # the variance drops: the nominal prior variance (the calibrated one without it)
+    nominal = next_pairs(comp, cert, 40)
+    assert not np.array_equal(nominal, next_pairs(calibrated, cert, 40))
+    np.testing.assert_array_equal(next_pairs(calibrated, cert, 40),
+                                  next_pairs(dataclasses.replace(comp, _select_prior_var=None), cert, 40))
+
+
 def test_next_pairs_rejects_bad_input():
     n = 10
     _, Y, count, _ = planted(n, 16)
