@@ -51,6 +51,7 @@ from taskpgm_ray.config import Config
 from taskpgm_ray.console import StageProgress
 from taskpgm_ray.distributed.optimizer import MixtureOptimizer, ShardSums
 from taskpgm_ray.io import atomic_savez, atomic_write_json
+from taskpgm_ray.mixture_file import SIGNAL_ARRAYS
 from taskpgm_ray.tasks import TaskData
 
 SCORING_VERSION = 1  # bump when the scoring arithmetic changes: it invalidates every cached shard
@@ -705,20 +706,16 @@ def _totals(sums: list[ShardSums], n: int) -> tuple[np.ndarray, np.ndarray, np.n
     proxy pair (n, n), the response tokens behind them per task (n,), and the signal sums per task."""
     loglik_sum, count = np.zeros((n, n)), np.zeros(n, dtype=np.int64)
     jsd_sum, tokens = np.zeros((n, n)), np.zeros(n, dtype=np.int64)
-    signal = {k: np.zeros(n) for k in ("base_loglik_sum", "information_sum", "base_information_sum",
-                                       "information_gain_sq_sum")}
-    signal["information_count"] = np.zeros(n, dtype=np.int64)
+    rows = np.zeros((len(SIGNAL_ARRAYS), n))
     for s in sums:
         loglik_sum[:, s.task] += s.loglik
         count[s.task] += s.count
-        signal["base_loglik_sum"][s.task] += s.base
-        signal["information_sum"][s.task] += s.information
-        signal["base_information_sum"][s.task] += s.base_information
-        signal["information_count"][s.task] += s.information_count
-        signal["information_gain_sq_sum"][s.task] += s.information_sq
+        rows[:, s.task] += s.signal_row()
         if s.jsd_sum is not None:
             jsd_sum += s.jsd_sum
             tokens[s.task] += s.tokens
+    signal = dict(zip(SIGNAL_ARRAYS, rows))
+    signal["information_count"] = signal["information_count"].astype(np.int64)
     return loglik_sum, count, jsd_sum, tokens, signal
 
 

@@ -35,6 +35,11 @@ class ShardSums:
     information_count: int = 0  # examples in those two sums (0 for a one-example shard: no rotation)
     information_sq: float = 0.0  # sum over those examples of the squared per-example gain (proxy minus base)
 
+    def signal_row(self) -> tuple[float, float, float, int, float]:
+        """This shard's contribution to the per-task signal sums, in ``SIGNAL_ARRAYS`` order (likelihoods.npz's
+        names)."""
+        return self.base, self.information, self.base_information, self.information_count, self.information_sq
+
 
 class MixtureOptimizer:
     """Running sums and the mixture they imply, re-solved after every shard.
@@ -77,7 +82,7 @@ class MixtureOptimizer:
         if shard.jsd_sum is not None:
             self._jsd_sum += shard.jsd_sum
             self._tokens += shard.tokens
-        self._info[:, shard.task] += _signal_row(shard)
+        self._info[:, shard.task] += shard.signal_row()
         if np.all(self._count > 0) and self._ready():
             weights = self._solve(self._loglik_sum, self._count, self._jsd_sum, self._tokens, self._info)
             change = float(np.abs(weights - self._weights).sum()) if self._weights is not None else float("inf")
@@ -126,7 +131,7 @@ class MixtureOptimizer:
                     s = group[k]
                     ll[:, j] += s.loglik
                     cnt[j] += s.count
-                    info[:, j] += _signal_row(s)
+                    info[:, j] += s.signal_row()
                     if s.jsd_sum is not None:
                         jsd += s.jsd_sum
                         tok += s.tokens
@@ -148,8 +153,3 @@ class MixtureOptimizer:
                                         signal=dict(zip(SIGNAL_ARRAYS, info)), max_weights=self._max_weights,
                                         sizes=self._sizes)
         return weights
-
-
-def _signal_row(s: ShardSums) -> tuple[float, float, float, int, float]:
-    """A shard's contribution to the per-task signal sums, in ``SIGNAL_ARRAYS`` order (likelihoods.npz's names)."""
-    return s.base, s.information, s.base_information, s.information_count, s.information_sq
