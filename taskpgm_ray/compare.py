@@ -47,9 +47,13 @@ FIT_CPU = 0.01  # the driver task of one fine-tune holds almost nothing; its Tra
 
 
 def run_mixtures(cfg: Config, tasks: list[TaskData], extra: list[str | Path] = ()) -> dict[str, dict[str, Any]]:
-    """``{method: {"weights": {task: w}, "source": str, ...}}`` for taskpgm, the baselines and ``extra`` files."""
+    """``{method: {"weights": {task: w}, "source": str, ...}}``: taskpgm, the baselines, the run's pick, the
+    ablations and the ``extra`` files, each as the fine-tune trains it (``solve.constrained``: the same caps
+    and floor for every method)."""
+    from taskpgm_ray.distributed.solve import constrained
     from taskpgm_ray.mixture import baseline_weights
     from taskpgm_ray.mixture_file import read_mixture
+    from taskpgm_ray.tune import temperature_candidates
 
     out_dir = Path(cfg.output_dir)
     names = [t.name for t in tasks]
@@ -59,10 +63,12 @@ def run_mixtures(cfg: Config, tasks: list[TaskData], extra: list[str | Path] = (
     mixtures: dict[str, dict[str, Any]] = {}
 
     taskpgm_trials = [t for t in trials if t["kind"] == "taskpgm"]
+    energy = cfg.energy
     if taskpgm_trials:
         best = min(taskpgm_trials, key=lambda t: t["validation_loss"])
         mixtures["taskpgm"] = {"weights": best["weights"], "source": "tune/results.json (best TaskPGM trial)",
                                "hyperparameters": best["hyperparameters"], "validation_loss": best["validation_loss"]}
+        energy = _trial_energy(cfg, best)
     elif (out_dir / "estimate" / "mixture.json").exists():
         m = read_mixture(str(out_dir / "estimate" / "mixture.json"))
         mixtures["taskpgm"] = {"weights": m["weights"], "source": "estimate/mixture.json",
@@ -78,20 +84,65 @@ def run_mixtures(cfg: Config, tasks: list[TaskData], extra: list[str | Path] = (
             mixtures[kind]["validation_loss"] = tried[0]["validation_loss"]
     temps = [t for t in trials if t["kind"] == "temperature"]
     if temps:
-        best = min(temps, key=lambda t: t["validation_loss"])
-        T, source, val = float(best["params"]["temperature"]), "chosen on validation by Tune", best["validation_loss"]
+        best_t = min(temps, key=lambda t: t["validation_loss"])
+        T, source, val = float(best_t["params"]["temperature"]), "chosen on validation by Tune", \
+            best_t["validation_loss"]
     else:
-        T, source, val = float(cfg.tune.temperatures[0]), "tune.temperatures[0] (no Tune trials to choose from)", None
+        candidates = temperature_candidates(cfg)
+        T, source, val = candidates[len(candidates) // 2], "the middle of Tune's candidates (no trials)", None
     mixtures["temperature"] = {"weights": dict(zip(names, map(float, baseline_weights("temperature", sizes,
                                                                                       temperature=T)))),
                                "source": f"T = {T:g}, {source}", "temperature": T, "validation_loss": val}
+    if (out_dir / "mixture.json").exists():  # what the select stage handed the user
+        m = read_mixture(str(out_dir / "mixture.json"))
+        mixtures["pick"] = {"weights": m["weights"], "source": f"mixture.json (method {m.get('method')!r})"}
+    if (out_dir / "likelihoods.npz").exists():
+        mixtures.update(_ablations(cfg, tasks, energy))
     for path in extra:
         stem = Path(path).stem
         if stem in mixtures:
             raise BadInput(f"--mixture {path}: its name {stem!r} clashes with a built-in method; rename the file")
         m = read_mixture(str(path))
         mixtures[stem] = {"weights": m["weights"], "source": str(path)}
+    for m in mixtures.values():
+        m["weights"] = constrained(m["weights"], cfg, tasks)
     return mixtures
+
+
+ABLATIONS = ("taskpgm-no-pairwise", "taskpgm-no-unary", "paper")
+
+
+def _trial_energy(cfg: Config, trial: dict[str, Any]):
+    """The energy settings a TaskPGM trial solved with (its recorded hyperparameters over the config's)."""
+    fields = {f.name for f in dataclasses.fields(cfg.energy)}
+    hyper = {k: v for k, v in (trial.get("hyperparameters") or {}).items() if k in fields}
+    return dataclasses.replace(cfg.energy, **hyper, affinity=trial.get("affinity") or cfg.energy.affinity)
+
+
+def _ablations(cfg: Config, tasks: list[TaskData], energy) -> dict[str, dict[str, Any]]:
+    """TaskPGM's chosen energy without its pairwise term (lam 0: the unary and the prior alone), without its
+    unary (beta 0), and the paper's energy (``config.PAPER_ENERGY``), solved from the run's sums."""
+    from taskpgm_ray.config import PAPER_ENERGY
+    from taskpgm_ray.distributed.solve import mixture_caps, solve_from_sums
+    from taskpgm_ray.pipeline import load_sums
+
+    sums = load_sums(cfg.output_dir)
+    if sums["tasks"] != [t.name for t in tasks]:
+        return {}
+    variants = {"taskpgm-no-pairwise": dataclasses.replace(energy, lam=0.0),
+                "taskpgm-no-unary": dataclasses.replace(energy, beta=0.0),
+                "paper": dataclasses.replace(energy, affinity="pmi", budget=None, **PAPER_ENERGY)}
+    utilities = [t.utility for t in tasks]
+    out = {}
+    for name, e in variants.items():
+        weights, _, _ = solve_from_sums(sums["loglik_sum"], sums["count"], sums.get("jsd_sum"), sums.get("jsd_count"),
+                                        e, utilities=utilities if e.unary == "utility" else None,
+                                        signal=sums.get("signal"), max_weights=mixture_caps(cfg, tasks),
+                                        sizes=[len(t.train) for t in tasks])
+        out[name] = {"weights": dict(zip(sums["tasks"], map(float, weights))),
+                     "source": f"the TaskPGM energy's ablation (beta {e.beta:g}, lam {e.lam:g}, unary {e.unary}, "
+                               f"prior {e.prior})"}
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,7 +204,8 @@ def compare_command(cfg: Config, *, mixtures: list[str | Path] = (), seeds: list
     tasks_ref = ray.put(tasks)  # once in the object store, not pickled into every fine-tune's arguments
 
     summaries: dict[tuple[int, str], dict] = {}
-    pending: dict[Any, tuple[int, str, Path]] = {}
+    pending: dict[Any, list[tuple[int, str, Path]]] = {}
+    by_key: dict[str, Any] = {}  # one fine-tune per distinct (weights, settings, seed): e.g. the pick is a trial's
     for seed in seeds:
         scfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, seed=seed, checkpoint_every=0))
         for method, m in methods.items():
@@ -161,18 +213,26 @@ def compare_command(cfg: Config, *, mixtures: list[str | Path] = (), seeds: list
                          [(t.name, t.hash) for t in tasks])
             run_dir = out_dir / "compare" / "runs" / f"{method}-seed{seed}-{key}"
             path = run_dir / "summary.json"
-            if path.exists():
-                summaries[(seed, method)] = json.loads(path.read_text())
-                continue
-            pending[fit.remote(scfg, tasks_ref, m["weights"], str(run_dir))] = (seed, method, path)
+            cached = next((p for p in sorted((out_dir / "compare" / "runs").glob(f"*-seed{seed}-{key}/summary.json"))),
+                          None) if (out_dir / "compare" / "runs").exists() else None
+            if cached is not None:
+                summaries[(seed, method)] = json.loads(cached.read_text())
+                if not path.exists():
+                    atomic_write_json(path, summaries[(seed, method)])
+            elif key in by_key:
+                pending[by_key[key]].append((seed, method, path))
+            else:
+                by_key[key] = fit.remote(scfg, tasks_ref, m["weights"], str(run_dir))
+                pending[by_key[key]] = [(seed, method, path)]
     progress = progress or StageProgress()
-    progress.start(len(summaries) + len(pending), done=len(summaries))
+    waiting = sum(len(v) for v in pending.values())
+    progress.start(len(summaries) + waiting, done=len(summaries))
     while pending:  # Ray runs as many fine-tunes side by side as the cluster's CPUs allow
         (ref,), _ = ray.wait(list(pending), num_returns=1)
-        seed, method, path = pending.pop(ref)
         summary = ray.get(ref)
-        atomic_write_json(path, summary)
-        summaries[(seed, method)] = summary
+        for seed, method, path in pending.pop(ref):
+            atomic_write_json(path, summary)
+            summaries[(seed, method)] = summary
         progress.update(len(summaries), info=f"last finished: {method}, seed {seed}")
 
     results = _results(tasks, scored, methods, seeds, summaries)
@@ -196,13 +256,14 @@ def _results(tasks, scored, methods, seeds, summaries) -> dict[str, Any]:
     rows = []
     for seed in seeds:
         row: dict[str, Any] = {"seed": seed, "test_loss": {}, "per_task": {}, "weights": {}, "curves": {},
-                               "accuracy": {}}
+                               "accuracy": {}, "tokens": {}}
         for method, m in methods.items():
             s = summaries[(seed, method)]
             row["test_loss"][method] = _scored_mean(s["eval_loss_per_task"], scored)
             row["per_task"][method] = {k: float(v) for k, v in s["eval_loss_per_task"].items()}
             row["accuracy"][method] = _scored_mean(s["eval_accuracy_per_task"], scored)
             row["weights"][method] = {k: float(v) for k, v in m["weights"].items()}
+            row["tokens"][method] = int(sum(s.get("tokens_per_task", {}).values()))
             row["curves"][method] = [[h["step"], _scored_mean(h["eval_loss_per_task"], scored)] for h in s["history"]]
         target = row["test_loss"]["uniform"]
         final = max(step for step, _ in row["curves"]["uniform"])
@@ -214,6 +275,8 @@ def _results(tasks, scored, methods, seeds, summaries) -> dict[str, Any]:
         best_baseline = min(BASELINES, key=lambda b: row["test_loss"][b])
         row["best_baseline"] = best_baseline
         row["taskpgm_wins"] = row["test_loss"]["taskpgm"] < row["test_loss"][best_baseline]
+        if "pick" in row["test_loss"]:
+            row["pick_regret"] = row["test_loss"]["pick"] - row["test_loss"][best_baseline]
         val = {k: m.get("validation_loss") for k, m in methods.items() if _finite(m.get("validation_loss"))}
         if len(val) >= 3:  # does the ranking of the (shorter) Tune trials predict the final one?
             keys = sorted(val)

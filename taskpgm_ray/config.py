@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -19,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from taskpgm_ray.errors import BadInput
+from taskpgm_ray.names import name_problem
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TEST_CONFIG = SHIPPED_CONFIGS / "test.yaml"
@@ -270,7 +272,11 @@ class TuneConfig:
         "CPUs per Train worker in a trial (below 1 lets two 1-worker trials share 2 CPUs)", 1.0)
     asha_grace: int = doc("ASHA grace period in evaluations", 1)
     baselines: bool = doc("run uniform/size/temperature as reference trials", True)
-    temperatures: list[float] = doc("temperatures for the temperature baseline", factory=lambda: [2.0])
+    temperatures: list[float] | None = doc(
+        "temperatures tried for the temperature baseline (null: as many as TaskPGM's trials, spread evenly on a "
+        "log scale over tune.temperature_range: the same search budget for both)", None)
+    temperature_range: list[float] = doc("range of the temperatures tried when tune.temperatures is null",
+                                         factory=lambda: [1.5, 8.0])
     max_concurrent: int | None = doc("concurrent trials (null: derived from the cluster)", None)
 
 
@@ -388,6 +394,8 @@ def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(f"{path}: expected a number, got {value!r}")
             return value
+        if not math.isfinite(value):  # YAML's .nan / .inf: no field means anything by them
+            problems.append(f"{path}: must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -433,6 +441,23 @@ def _all_defaults(cls: type) -> bool:
 # cross-field rules
 
 
+def _template_problem(template: str | None) -> str | None:
+    """Why ``template`` cannot format a row with ``str.format(**row)``, or None when it can (or is None)."""
+    import string
+
+    if template is None:
+        return None
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        return f"{template!r} is not a valid str.format template ({exc}); write a literal brace as {{{{ or }}}}"
+    positional = [f for f in fields if f == "" or f.split(".")[0].split("[")[0].isdigit()]
+    if positional:
+        return (f"{template!r} has a positional field {{{positional[0]}}}; name a column instead, "
+                f"e.g. {{prompt}}")
+    return None
+
+
 def _check(cfg: Config, problems: list[str]) -> None:
     base = Path(cfg.config_path).parent if cfg.config_path else Path.cwd()
     if not cfg.tasks and cfg.synthetic is None:
@@ -451,6 +476,11 @@ def _check(cfg: Config, problems: list[str]) -> None:
         if t.name in seen:
             problems.append(f"{where}.name: duplicate task name {t.name!r} (also tasks[{seen[t.name]}])")
         seen.setdefault(t.name, i)
+        if (problem := name_problem(t.name)) is not None:  # the name becomes probes/<name> and export code
+            problems.append(f"{where}.name: {problem}")
+        for key in ("prompt_template", "response_template"):
+            if (problem := _template_problem(getattr(t, key))) is not None:
+                problems.append(f"{where}.{key}: {problem}")
         if t.source in ("disk", "jsonl", "parquet", "csv"):
             p = Path(t.path) if Path(t.path).is_absolute() else base / t.path
             if not p.exists():
@@ -466,7 +496,11 @@ def _check(cfg: Config, problems: list[str]) -> None:
         v = getattr(s, name)
         if isinstance(v, float) and not 0.0 < v < 1.0:
             problems.append(f"splits.{name}: must be in (0, 1), got {v}")
-    if isinstance(s.min_probe, int) and isinstance(s.max_probe, int) and s.min_probe > s.max_probe:
+    for name in ("min_probe", "max_probe", "max_eval"):
+        v = getattr(s, name)
+        if isinstance(v, int) and v < 1:
+            problems.append(f"splits.{name}: must be >= 1, got {v}")
+    if isinstance(s.min_probe, int) and isinstance(s.max_probe, int) and 1 <= s.max_probe < s.min_probe:
         problems.append(f"splits.min_probe: {s.min_probe} exceeds splits.max_probe {s.max_probe}")
     for section, m in (("model", cfg.model), ("proxy_model", cfg.proxy_model)):
         if m is None:
@@ -500,6 +534,10 @@ def _check(cfg: Config, problems: list[str]) -> None:
         problems.append(f"energy.prior_strength: must be >= 0, got {e.prior_strength}")
     if isinstance(e.prior_temperature, float) and e.prior_temperature <= 0:
         problems.append(f"energy.prior_temperature: must be > 0, got {e.prior_temperature}")
+    if isinstance(e.min_weight, float) and not 0 <= e.min_weight <= 1:
+        problems.append(f"energy.min_weight: must be in [0, 1] (a share of the mixture), got {e.min_weight}")
+    if isinstance(e.max_weight, float) and not 0 < e.max_weight <= 1:
+        problems.append(f"energy.max_weight: must be in (0, 1] (a share of the mixture), got {e.max_weight}")
     if e.min_weight is not None and e.max_weight is not None and e.min_weight > e.max_weight:
         problems.append(f"energy.min_weight: {e.min_weight} exceeds energy.max_weight {e.max_weight}")
     bounded = e.min_weight is not None or e.max_weight is not None or e.floor > 0 or cfg.train.repetition_cap
@@ -508,6 +546,13 @@ def _check(cfg: Config, problems: list[str]) -> None:
                         f"train.repetition_cap); use 'exact' or 'first_order', or set energy.floor: 0")
     if e.budget is not None and e.budget < 1:
         problems.append(f"energy.budget: must be >= 1, got {e.budget}")
+    pr = cfg.probes
+    for name in ("steps", "batch_size", "lora_rank"):
+        v = getattr(pr, name)
+        if isinstance(v, int) and v < 1:
+            problems.append(f"probes.{name}: must be >= 1, got {v}")
+    if isinstance(pr.lr, float) and not pr.lr > 0:
+        problems.append(f"probes.lr: must be > 0, got {pr.lr}")
     tr = cfg.train
     if tr.zero_stage not in (0, 1, 2, 3):
         problems.append(f"train.zero_stage: must be 0, 1, 2 or 3, got {tr.zero_stage}")
@@ -535,6 +580,12 @@ def _check(cfg: Config, problems: list[str]) -> None:
     tu = cfg.tune
     if len(tu.ratio_range) != 2 or not (0 < tu.ratio_range[0] <= tu.ratio_range[1]):
         problems.append(f"tune.ratio_range: must be [low, high] with 0 < low <= high, got {tu.ratio_range}")
+    if len(tu.temperature_range) != 2 or not (0 < tu.temperature_range[0] <= tu.temperature_range[1]):
+        problems.append(f"tune.temperature_range: must be [low, high] with 0 < low <= high, got "
+                        f"{tu.temperature_range}")
+    for i, T in enumerate(tu.temperatures or []):
+        if not (isinstance(T, (int, float)) and math.isfinite(T) and T > 0):
+            problems.append(f"tune.temperatures[{i}]: must be a finite number > 0, got {T!r}")
     if isinstance(tu.trial_evals, int) and not 1 <= tu.trial_evals <= max(1, tu.trial_steps or tu.trial_evals):
         problems.append(f"tune.trial_evals: must be between 1 and tune.trial_steps, got {tu.trial_evals}")
     for i, a in enumerate(tu.affinities):
@@ -570,7 +621,12 @@ def load_config(path: str | os.PathLike | None = None, *, test_mode: bool = Fals
     if not path.exists():
         raise ConfigError([f"config file not found: {path}"])
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"not a UTF-8 text file (byte {exc.start} is {exc.object[exc.start:exc.start + 1]!r}); "
+                           f"save the config as UTF-8 YAML"], str(path)) from None
+    except IsADirectoryError:
+        raise ConfigError(["is a directory, not a YAML config file"], str(path)) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

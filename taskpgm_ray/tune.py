@@ -68,8 +68,27 @@ def search_space(cfg: Config) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     points = []
     if t.baselines:
         points = [{**base, "kind": "uniform"}, {**base, "kind": "size"}]
-        points += [{**base, "kind": "temperature", "temperature": T} for T in t.temperatures]
+        points += [{**base, "kind": "temperature", "temperature": T} for T in temperature_candidates(cfg)]
     return space, points
+
+
+def taskpgm_trials(cfg: Config) -> int:
+    """How many TaskPGM trials the search runs (a grid: every combination of its axes)."""
+    t = cfg.tune
+    if t.search == "grid":
+        return max(1, t.num_samples) * len(t.affinities) * len(t.kernels)
+    return t.num_samples
+
+
+def temperature_candidates(cfg: Config) -> list[float]:
+    """The temperatures Tune tries: ``tune.temperatures``, or as many as TaskPGM's trials (the same search
+    budget) at the midpoints of equal steps on a log scale over ``tune.temperature_range``."""
+    t = cfg.tune
+    if t.temperatures is not None:
+        return [float(T) for T in t.temperatures]
+    k = max(1, taskpgm_trials(cfg))
+    lo, hi = np.log(t.temperature_range[0]), np.log(t.temperature_range[1])
+    return [round(float(np.exp(lo + (hi - lo) * (i + 0.5) / k)), 4) for i in range(k)]
 
 
 def trial_energy(cfg: EnergyConfig, params: dict[str, Any]) -> EnergyConfig:
@@ -85,16 +104,17 @@ def trial_energy(cfg: EnergyConfig, params: dict[str, Any]) -> EnergyConfig:
 def trial_weights(params: dict[str, Any], sums: dict[str, Any], cfg: Config,
                   tasks: list[TaskData]) -> tuple[dict[str, float], dict[str, Any]]:
     """The mixture a trial trains on, and its description (method, hyperparameters, energy)."""
-    from taskpgm_ray.distributed.solve import mixture_caps, solve_from_sums
+    from taskpgm_ray.distributed.solve import constrained, mixture_caps, solve_from_sums
     from taskpgm_ray.mixture import baseline_weights
 
     names = [t.name for t in tasks]
     sizes = np.array([len(t.train) for t in tasks], dtype=float)
     if params["kind"] != "taskpgm":
+        # One protocol: a baseline trains within the same caps and floor as TaskPGM's solution.
         w = baseline_weights(params["kind"], sizes, temperature=params.get("temperature"))
         desc = {"method": params["kind"], "affinity": None, "energy": None, "kkt_residual": None,
                 "hyperparameters": {"temperature": params["temperature"]} if params["temperature"] else {}}
-        return dict(zip(names, map(float, w))), desc
+        return constrained(dict(zip(names, map(float, w))), cfg, tasks), desc
     energy = trial_energy(cfg.energy, params)
     utilities = [t.utility for t in tasks] if energy.unary == "utility" else None
     weights, sol, _ = solve_from_sums(sums["loglik_sum"], sums["count"], sums.get("jsd_sum"),
@@ -205,7 +225,7 @@ def run_tune(cfg: Config, tasks: list[TaskData], sums: dict[str, Any], *, resume
     out = Path(cfg.output_dir).resolve()
     concurrent = max_concurrent_trials(cfg)
     space, points = search_space(cfg)
-    n_taskpgm = 1 if cfg.tune.search == "grid" else cfg.tune.num_samples
+    n_taskpgm = 1 if cfg.tune.search == "grid" else cfg.tune.num_samples  # a grid's size comes from its axes
     if cfg.tune.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 

@@ -233,12 +233,21 @@ def test_compare_scores_every_method_on_the_test_split_with_the_same_budget(run_
     assert saved["format"] == "taskpgm-compare/1" and saved["metric"] == "mean test loss over scored tasks"
     assert "noise_a" not in saved["scored_tasks"] and len(saved["scored_tasks"]) == 5  # noise: score false
     (row,) = saved["seeds"]
-    assert row["seed"] == 0 and set(row["test_loss"]) == {"taskpgm", "uniform", "size", "temperature"}
+    assert row["seed"] == 0 and set(row["test_loss"]) == {"taskpgm", "uniform", "size", "temperature", "pick",
+                                                          "taskpgm-no-pairwise", "taskpgm-no-unary", "paper"}
+    # one protocol: every method trains within the same caps and floor (energy.floor / n here)
+    assert all(min(w.values()) >= cfg.energy.floor / 6 - 1e-9 for w in row["weights"].values()), row["weights"]
+    assert row["weights"]["pick"] == json.loads((run_dir / "mixture.json").read_text())["weights"]
+    assert set(row["tokens"]) == set(row["test_loss"]) and all(v > 0 for v in row["tokens"].values())
     for method, per_task in row["per_task"].items():
         assert row["test_loss"][method] == pytest.approx(np.mean([per_task[t] for t in saved["scored_tasks"]]))
         assert abs(sum(row["weights"][method].values()) - 1) < 1e-9
     assert [c[0] for c in row["curves"]["uniform"]] == [10, 20]
-    assert results["methods"]["temperature"]["source"].startswith("T = 2, chosen on validation")
+    tried = [t["params"]["temperature"] for t in json.loads((run_dir / "tune" / "results.json").read_text())["trials"]
+             if t["kind"] == "temperature"]
+    assert len(tried) == 2  # as many temperature candidates as TaskPGM trials (tune.num_samples)
+    assert results["methods"]["temperature"]["temperature"] in tried
+    assert "chosen on validation" in results["methods"]["temperature"]["source"]
     again = compare_command(cfg, seeds=[0])  # every fine-tune cached
     assert again["seeds"][0]["test_loss"] == row["test_loss"]
     assert (run_dir / "compare" / "compare.png").stat().st_size > 5000

@@ -65,6 +65,25 @@ def mixture_caps(cfg, tasks) -> np.ndarray | None:
     return weight_caps([len(task.train) for task in tasks], t.repetition_cap, budget)
 
 
+def fine_tune_bounds(cfg, tasks) -> tuple[np.ndarray, np.ndarray | None]:
+    """The fine-tune's per-task bounds, the same for every mixture trained (one protocol): at least
+    ``energy.floor / n`` (capped by the upper bound) and at most ``mixture_caps`` (``train.repetition_cap``)."""
+    hi = mixture_caps(cfg, tasks)
+    lo = np.full(len(tasks), cfg.energy.floor / max(1, len(tasks)))
+    return (lo if hi is None else np.minimum(lo, hi)), hi
+
+
+def constrained(weights: Mapping[str, float], cfg, tasks) -> dict[str, float]:
+    """``weights`` (task -> weight) as the fine-tune trains them: through ``mixture.within_bounds`` onto
+    ``fine_tune_bounds``; the identity on a mixture already within them (a TaskPGM solution)."""
+    from taskpgm_ray.mixture import within_bounds
+
+    names = [t.name for t in tasks]
+    lo, hi = fine_tune_bounds(cfg, tasks)
+    w = within_bounds([float(weights.get(n, 0.0)) for n in names], lo, hi)
+    return dict(zip(names, map(float, w)))
+
+
 def solve_from_sums(loglik_sum: np.ndarray, count: np.ndarray, jsd_sum: np.ndarray | None,
                     jsd_count: float | np.ndarray | None, energy_cfg: EnergyConfig,
                     utilities: Sequence[float | None] | None = None, signal: Mapping[str, np.ndarray] | None = None,

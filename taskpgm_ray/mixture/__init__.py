@@ -22,7 +22,7 @@ from taskpgm_ray.mixture.affinity import (
     pairwise_jsd_sum_topk,
     pmi_affinity,
 )
-from taskpgm_ray.mixture.baselines import baseline_weights
+from taskpgm_ray.mixture.baselines import baseline_weights, within_bounds
 from taskpgm_ray.mixture.block_matrix import BlockLowRank
 from taskpgm_ray.mixture.bootstrap import BootstrapResult, bootstrap_weights
 from taskpgm_ray.mixture.budgeted import BudgetedSelection, select_budgeted, select_budgeted_report
@@ -58,4 +58,5 @@ __all__ = [
     "select_budgeted",
     "select_budgeted_report",
     "symmetrize",
+    "within_bounds",
 ]
