@@ -97,9 +97,43 @@ class Pipeline:
         caps = mixture_caps(self.cfg, self.tasks)
         return None if caps is None else [round(float(c), 12) for c in caps]
 
+    def task_scores(self) -> list[tuple[str, bool]]:
+        """Which tasks the selection metric counts (``tasks[*].score``): Tune ranks trials by it, and the train
+        stage's summary reports it (``eval_loss_scored``, ``test_loss_scored``)."""
+        return [(t.name, t.score) for t in self.tasks]
+
+    def task_utilities(self, unaries: list[str]) -> list[tuple[str, float | None]] | None:
+        """``tasks[*].utility`` when one of ``unaries`` (the unary terms a solve may use) is the utility, else None:
+        no other unary reads them."""
+        return [(t.name, t.utility) for t in self.tasks] if "utility" in unaries else None
+
+    def solve_settings(self) -> list:
+        """What a solve of the config's energy reads besides the estimation sums: every energy setting, the
+        repetition caps and, with the utility unary, the tasks' utilities."""
+        return [dataclasses.asdict(self.cfg.energy), self.caps_key(), self.task_utilities([self.cfg.energy.unary])]
+
+    def sums_key(self) -> str:
+        """What the estimation sums (``likelihoods.npz``, ``jsd.npz``, the signal sums) depend on: the proxies and
+        the scoring settings; and when scoring stops on the mixture (``estimation.stop_when_stable``,
+        ``estimation.active``), everything the solve that decides it reads. Active estimation also asks for at least
+        two units per actor a round, so there ``num_actors`` changes which units are scored."""
+        e = self.cfg.estimation
+        parts = [self.probes_key(), settings(self.cfg, "estimation")]
+        if e.active or e.stop_when_stable is not None:
+            parts.append(self.solve_settings())
+        if e.active:
+            parts.append(e.num_actors)
+        return digest(*parts)
+
     def estimate_key(self) -> str:
-        return digest(self.probes_key(), settings(self.cfg, "estimation"), dataclasses.asdict(self.cfg.energy),
-                      self.caps_key())
+        # train.weight_unit: estimate/mixture.json records what its weights count.
+        return digest(self.sums_key(), self.solve_settings(), self.cfg.train.weight_unit)
+
+    def target_key(self) -> list:
+        """The target model (the one Tune's trials and the final fine-tune train) and its weights."""
+        from taskpgm_ray.models import model_fingerprint
+
+        return [dataclasses.asdict(self.cfg.model), model_fingerprint(self.cfg.model)]
 
     def tune_key(self) -> str:
         from taskpgm_ray.tune import trial_steps
@@ -110,20 +144,26 @@ class Pipeline:
         searched = {"beta", "affinity", "kernel", "tau", "budget"} | ({"unary"} if t.unaries else set()) \
             | ({"prior_strength"} if t.prior_strengths else set())
         energy = {k: v for k, v in dataclasses.asdict(self.cfg.energy).items() if k not in searched}
-        return digest(self.probes_key(), settings(self.cfg, "estimation"), energy, settings(self.cfg, "tune"),
-                      settings(self.cfg, "train", FINAL_TRAIN_ONLY), trial_steps(self.cfg), self.caps_key())
+        utilities = self.task_utilities(t.unaries or [self.cfg.energy.unary])
+        return digest(self.sums_key(), energy, utilities, self.task_scores(), self.target_key(),
+                      settings(self.cfg, "tune"), settings(self.cfg, "train", FINAL_TRAIN_ONLY), trial_steps(self.cfg),
+                      self.caps_key())
 
     def select_key(self) -> str:
+        # The whole file, not only its weights: select copies it, and the report and exports read the rest.
         source = self.out / ("tune/best.json" if self.cfg.tune.enabled else "estimate/mixture.json")
-        return digest(self.cfg.tune.enabled, json.loads(source.read_text())["weights"])
+        return digest(self.cfg.tune.enabled, json.loads(source.read_text()))
 
     def train_key(self) -> str:
         mixture = json.loads((self.out / "mixture.json").read_text())
-        return digest(self.tasks_key(), mixture["weights"], dataclasses.asdict(self.cfg.model),
-                      settings(self.cfg, "train"))
+        return digest(self.tasks_key(), mixture["weights"], self.target_key(), settings(self.cfg, "train"),
+                      self.task_scores())
 
     def report_key(self) -> str:
-        return digest({name: rec["key"] for name, rec in self._state.items() if name != "report"})
+        # The report also shows `taskpgm compare`'s results when there are any (compare runs outside the stages).
+        compare = self.out / "compare" / "results.json"
+        return digest({name: rec["key"] for name, rec in self._state.items() if name != "report"},
+                      hashlib.sha256(compare.read_bytes()).hexdigest() if compare.exists() else None)
 
     # -- the stages ----------------------------------------------------------------------------------
     def stages(self) -> list[Stage]:
