@@ -59,6 +59,15 @@ def _config(config: str | None, test_mode: bool, output_dir: str | None) -> Conf
     return cfg
 
 
+def _refuse_overwrite(targets, inputs: dict[str, str | None]) -> None:
+    """Refuse before writing when a target file is one of the command's inputs (``{what: path}``), by any name."""
+    for target in map(Path, targets):
+        for what, source in inputs.items():
+            if source and target.exists() and Path(source).exists() and os.path.samefile(target, source):
+                raise BadInput(f"--out: {target} is the input {what} ({source}); writing it would destroy the "
+                               f"input, so choose another --out")
+
+
 def _remember_sets(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> None:
     ctx.meta[COMMAND_SETS] = value
 
@@ -228,9 +237,10 @@ def estimate(config: str | None, test_mode: bool, output_dir: str | None) -> Non
               help="mixture.json to train on.")
 def train(config: str | None, test_mode: bool, output_dir: str | None, mixture_path: str) -> None:
     """Stage 6: fine-tune the target model on a mixture (Ray Train + DeepSpeed)."""
-    from taskpgm_ray.train import train_command
+    from taskpgm_ray.train import read_mixture_weights, train_command
 
     cfg = _config(config, test_mode, output_dir)
+    read_mixture_weights(mixture_path)  # exists, parses, format: refused before tasks load or anything is written
     with _stage(cfg, "train") as progress:
         summary = train_command(cfg, mixture_path, progress=progress)
     _ui().final(f"mean eval loss {summary['eval_loss_mean']:.4f}")
@@ -323,6 +333,8 @@ def solve(lik_path: str, out: str, affinity: str, jsd_path: str | None, kernel: 
     from taskpgm_ray.distributed.solve import solve_from_sums
     from taskpgm_ray.mixture_file import load_likelihoods, load_signal, read_npz, write_mixture
 
+    jsd_file = (jsd_path or str(Path(lik_path).with_name("jsd.npz"))) if affinity == "jsd" else None
+    _refuse_overwrite([out], {"--likelihoods": lik_path, "--jsd": jsd_file})
     if not beta >= 0:  # E(p) = (lam/2) p^T S p - beta u^T p: beta < 0 rewards leaving out the tasks u favours
         raise BadInput(f"--beta must be >= 0, got {beta:g} (a negative beta turns the unary term upside down)")
     energy = {"affinity": affinity, "kernel": kernel, "tau": tau, "unary": unary, "normalize": normalize,
@@ -386,7 +398,7 @@ def export(mixture_path: str, to: str, names_path: str | None, num_samples: int 
            mean_tokens_path: str | None, seed: int, out: str | None) -> None:
     """The mixture in another framework's format (weight-0 tasks left out, the rest renormalised)."""
     from taskpgm_ray.io import atomic_write_text
-    from taskpgm_ray.mixture_file import build_export, read_mean_tokens, read_mixture, read_names
+    from taskpgm_ray.mixture_file import build_export, merge_dataset_info, read_mean_tokens, read_mixture, read_names
 
     result = build_export(read_mixture(mixture_path), to,
                           names=read_names(names_path) if names_path else None, num_samples=num_samples,
@@ -401,9 +413,17 @@ def export(mixture_path: str, to: str, names_path: str | None, num_samples: int 
         targets = {Path(out) / name: text for name, text in result.files.items()}
     else:
         targets = {Path(out): next(iter(result.files.values()))}
+    _refuse_overwrite(targets, {"MIXTURE_PATH": mixture_path, "--names": names_path,
+                                "--mean-tokens": mean_tokens_path})
+    merged = {}
+    for path in targets:  # LLaMA-Factory keeps every dataset in one file: add ours, keep the user's
+        if to == "llamafactory" and path.name == "dataset_info.json":
+            targets[path], merged[path] = merge_dataset_info(path, targets[path])
     for path, text in targets.items():
         atomic_write_text(path, text)
-        click.echo(f"wrote {path}")
+        kept = f" (merged: kept {merged[path]} entr{'y' if merged[path] == 1 else 'ies'} already there)" \
+            if merged.get(path) else ""
+        click.echo(f"wrote {path}{kept}")
     for note in result.notes:
         click.echo(f"note: {note}")
 

@@ -11,6 +11,7 @@ import copy
 import datetime as _dt
 import json
 import math
+import os
 import re
 import zipfile
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import numpy as np
 
 from taskpgm_ray.errors import BadInput
 from taskpgm_ray.io import atomic_savez, atomic_write_text
+from taskpgm_ray.names import name_problem
 
 FORMAT = "taskpgm-mixture/1"
 METHODS = ("taskpgm", "uniform", "size", "temperature")
@@ -37,6 +39,8 @@ def _check_weights(weights: dict, where: str) -> dict[str, float]:
         raise BadInput(f"{where}: 'weights' must be a non-empty object {{task: weight}}")
     out = {}
     for task, w in weights.items():
+        if (problem := name_problem(task)) is not None:  # a task name becomes a path, a dataset key, code
+            raise BadInput(f"{where}: task name in 'weights': {problem}")
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
             raise BadInput(f"{where}: weights[{task!r}] must be a finite number, got {w!r}")
         if w < 0:
@@ -214,14 +218,20 @@ def _validate_likelihoods(path: str, a: dict) -> None:
     for key in ("tasks", "loglik_sum", "count"):
         if key not in a:
             raise BadInput(f"{path}: missing array {key!r} (need tasks, loglik_sum, count; optional sizes)")
+    if a["tasks"].ndim != 1 or a["tasks"].size == 0 or a["tasks"].dtype.kind != "U":
+        raise BadInput(f"{path}: 'tasks' must be a non-empty 1-d array of names (strings), got shape "
+                       f"{a['tasks'].shape} and dtype {a['tasks'].dtype}")
     tasks = [str(t) for t in a["tasks"]]
     n = len(tasks)
-    if a["tasks"].ndim != 1 or n == 0:
-        raise BadInput(
-            f"{path}: 'tasks' must be a non-empty 1-d array of names, got shape {a['tasks'].shape}"
-        )
     if len(set(tasks)) != n:
         raise BadInput(f"{path}: 'tasks' has duplicate names")
+    for name in tasks:  # a mixture solved from this file carries these names into paths and exports
+        if (problem := name_problem(name)) is not None:
+            raise BadInput(f"{path}: 'tasks': {problem}")
+    for key in ("loglik_sum", "count", "sizes", "measured", *SIGNAL_ARRAYS):
+        if key in a and a[key].dtype.kind not in "iuf":
+            raise BadInput(f"{path}: {key!r} must be an array of numbers, got dtype {a[key].dtype} "
+                           f"(shape {a[key].shape})")
     if a["loglik_sum"].shape != (n, n):
         raise BadInput(
             f"{path}: 'loglik_sum' must have shape ({n}, {n}) for {n} tasks, got {a['loglik_sum'].shape}"
@@ -246,6 +256,25 @@ def _validate_likelihoods(path: str, a: dict) -> None:
         raise BadInput(
             f"{path}: loglik_sum[{i}, {j}] (proxy {tasks[i]!r} on task {tasks[j]!r}) is not finite"
         )
+    for key in ("count", "sizes", "measured", *SIGNAL_ARRAYS):
+        bad = np.argwhere(~np.isfinite(a[key])) if key in a else ()
+        if len(bad):
+            at = tuple(int(x) for x in bad[0])
+            who = f"proxy {tasks[at[0]]!r} on task {tasks[at[1]]!r}" if len(at) == 2 else f"task {tasks[at[0]]!r}"
+            raise BadInput(f"{path}: {key}[{', '.join(map(str, at))}] ({who}) is {a[key][at]}, not a finite number")
+    # A sum of log-probabilities is <= 0. Cells filled in by matrix completion (measured < 1) are estimates and
+    # may stray above 0; every measured one may not (a positive one is a sign error: -log p saved as log p).
+    measured = a["measured"] >= 1 - 1e-9 if "measured" in a else np.ones((n, n), dtype=bool)
+    positive = np.argwhere((a["loglik_sum"] > 0) & measured)
+    if positive.size:
+        i, j = positive[0]
+        raise BadInput(f"{path}: loglik_sum[{i}, {j}] (proxy {tasks[i]!r} on task {tasks[j]!r}) is "
+                       f"{a['loglik_sum'][i, j]:g} > 0, but a sum of log-likelihoods is <= 0 (saved -log p "
+                       f"instead of log p?)")
+    if "base_loglik_sum" in a and (a["base_loglik_sum"] > 0).any():
+        i = int(np.flatnonzero(a["base_loglik_sum"] > 0)[0])
+        raise BadInput(f"{path}: base_loglik_sum[{i}] (task {tasks[i]!r}) is {a['base_loglik_sum'][i]:g} > 0, but "
+                       f"a sum of log-likelihoods is <= 0")
 
 
 # --- exports -----------------------------------------------------------------------------------------
@@ -373,6 +402,8 @@ def build_export(
     if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
                                     or num_samples < 1):
         raise BadInput(f"--num-samples must be a whole number >= 1, got {num_samples!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):  # it is written into the hf script as code
+        raise BadInput(f"--seed must be a whole number, got {seed!r}")
     tool_names = _tool_names(names, weights, to)
     notes = []
     zero = [t for t, w in weights.items() if w == 0]
@@ -487,7 +518,8 @@ def _size(sizes: dict, task: str) -> int:
 
 
 def _comment(lines: list[str]) -> str:
-    return "".join(f"# {line}\n" if line else "#\n" for line in lines)
+    # Every physical line gets its "#": a line break inside a note (from a file path, say) never starts live code.
+    return "".join(f"# {part}\n" if part else "#\n" for line in lines for part in (line.splitlines() or [""]))
 
 
 def _export_hf(ctx: _Context) -> MixtureExport:
@@ -510,7 +542,7 @@ def load(name, split="train"):
     return load_dataset(name, split=split)
 
 
-def mix(sources, seed={ctx.seed}, stopping_strategy="first_exhausted"):
+def mix(sources, seed={int(ctx.seed)!r}, stopping_strategy="first_exhausted"):
     \"\"\"Interleave sources[name] for each name in DATASETS, drawing each row's dataset by PROBABILITIES.
 
     "first_exhausted" stops when one dataset runs out: no row repeats and the shares are the weights.
@@ -561,6 +593,38 @@ def _export_llamafactory(ctx: _Context) -> MixtureExport:
                                                sort_keys=False)
     text = f"# ==> mixture_llamafactory.yaml <==\n{args}# ==> dataset_info.json <==\n{info}"
     return MixtureExport({"mixture_llamafactory.yaml": args, "dataset_info.json": info}, text, ctx.notes)
+
+
+def merge_dataset_info(path: str | os.PathLike, exported: str) -> tuple[str, int]:
+    """The llamafactory export's ``dataset_info.json`` entries merged into the file at ``path``, if there is one.
+
+    LLaMA-Factory reads every dataset of a ``dataset_dir`` from one ``dataset_info.json``, so the user's other
+    entries are kept (in their order, ours after them). An entry of the same name must be identical: one that
+    differs is the user's, and is never replaced. Returns the merged text and the number of entries kept.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            existing = json.load(f)
+    except FileNotFoundError:
+        return exported, 0
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInput(f"{path}: exists but is not valid JSON ({' '.join(str(e).split())}); the export merges its "
+                       f"entries into it: fix the file or choose another --out directory") from None
+    if not isinstance(existing, dict):
+        raise BadInput(f"{path}: exists but is not a JSON object {{dataset name: entry}} as LLaMA-Factory's "
+                       f"dataset_info.json is; fix the file or choose another --out directory")
+    ours = json.loads(exported)
+    for name, entry in ours.items():
+        theirs = existing.get(name, entry)
+        if theirs != entry:
+            keys = sorted(set(theirs) | set(entry)) if isinstance(theirs, dict) else []
+            key = next((k for k in keys if theirs.get(k) != entry.get(k)), None)
+            what = (f"{key!r} is {json.dumps(theirs.get(key))} there, {json.dumps(entry.get(key))} in this export"
+                    if key else f"it is {json.dumps(theirs)} there")
+            raise BadInput(f"{path}: already has an entry {name!r} that differs from this export's ({what}); "
+                           f"remove that entry or choose another --out directory")
+    kept = sum(name not in ours for name in existing)
+    return json.dumps({**existing, **ours}, indent=2) + "\n", kept
 
 
 def _shard_bounds(n: int, shards: int, index: int) -> tuple[int, int]:

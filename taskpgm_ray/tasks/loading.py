@@ -84,6 +84,9 @@ def _read_rows(tc: TaskConfig, cfg: Config) -> tuple[list[dict], list[dict] | No
         path = resolve_path(cfg, tc.path)
         if not path.exists():
             raise TaskError(f"{where}: file not found: {path}")
+        if path.is_file() and path.stat().st_size == 0:
+            raise TaskError(f"{where}: {path} is empty (0 bytes); a {tc.source} task needs rows with "
+                            f"{tc.prompt_field!r} and {tc.response_field!r}")
         try:
             if tc.source == "disk":
                 data = datasets.load_from_disk(str(path))
@@ -91,7 +94,8 @@ def _read_rows(tc: TaskConfig, cfg: Config) -> tuple[list[dict], list[dict] | No
                 builder = {"jsonl": "json", "parquet": "parquet", "csv": "csv"}[tc.source]
                 data = datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as exc:  # the datasets library's own errors are long; keep the gist
-            raise TaskError(f"{where}: cannot read {tc.source} source {path}: {str(exc).splitlines()[0]}") from exc
+            gist = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise TaskError(f"{where}: cannot read {tc.source} source {path}: {gist}") from exc
     if isinstance(data, datasets.DatasetDict):
         split = tc.split or "train"
         if split not in data:
@@ -113,10 +117,23 @@ def _format(rows: list[dict], tc: TaskConfig, split: str) -> list[Example]:
             cols = ", ".join(sorted(row))
             raise TaskError(f"task {tc.name!r}: missing field {exc.args[0]!r} in {split} row {i} "
                             f"(columns: {cols})") from None
+        except (ValueError, IndexError, AttributeError) as exc:  # a template str.format cannot apply to the row
+            key = "prompt_template" if tc.prompt_template and _fails(tc.prompt_template, row) else "response_template"
+            raise TaskError(f"task {tc.name!r}: {key} {getattr(tc, key)!r} cannot format {split} row {i}: "
+                            f"{exc}") from None
         if prompt is None or response is None or not str(prompt).strip() or not str(response).strip():
             continue
         out.append(Example(f"{tc.name}/{split}/{i}", str(prompt), str(response)))
     return out
+
+
+def _fails(template: str, row: dict) -> bool:
+    """Whether ``template.format(**row)`` raises (to name the template at fault)."""
+    try:
+        template.format(**row)
+    except Exception:
+        return True
+    return False
 
 
 def load_task(tc: TaskConfig, cfg: Config) -> TaskData:
