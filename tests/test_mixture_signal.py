@@ -107,18 +107,36 @@ def test_gain_bad_input():
         proxy_gains([np.zeros(3)], [np.zeros(4)])
 
 
+def _is_nearest_psd(K: np.ndarray, S: np.ndarray, tol: float = 1e-8) -> bool:
+    """Whether K is the Frobenius-nearest PSD matrix to the symmetric S: the projection onto the PSD cone, which is
+    self-dual, so K is PSD, K - S is PSD and <K, K - S> = 0 (the optimality conditions; Higham 1988)."""
+    scale = max(1.0, np.linalg.norm(S))
+    return bool(np.linalg.eigvalsh(K).min() >= -tol * scale and np.linalg.eigvalsh(K - S).min() >= -tol * scale
+                and abs(np.sum(K * (K - S))) <= tol * scale**2)
+
+
 def test_eig_clip_is_the_nearest_psd_matrix_and_keeps_structure_the_shift_flattens():
+    import scipy.linalg
+
+    from taskpgm_ray.mixture import psd_shift
+
     rng = np.random.default_rng(0)
     L = rng.normal(-10, 3, (8, 8))
     S = pmi_affinity(L)
     K = eig_clip(S)
-    assert np.linalg.eigvalsh(K).min() >= -1e-10
     assert np.allclose(K, K.T)
-    # nearest in Frobenius norm: no PSD matrix from a random family is closer
+    assert _is_nearest_psd(K, S)
+    # the paper's diagonal shift is PSD as well, but not the nearest: the check tells the two apart
+    assert np.linalg.eigvalsh(S).min() < -1.0 and not _is_nearest_psd(psd_shift(S), S)
+    assert np.linalg.norm(K - S) < np.linalg.norm(psd_shift(S) - S)
+    # an independent route to the same matrix: (S + |S|) / 2, |S| = (S^2)^(1/2) the polar decomposition's factor
+    assert np.allclose(K, (S + np.real(scipy.linalg.sqrtm(S @ S))) / 2, atol=1e-8 * np.linalg.norm(S))
+    # and PSD matrices around K in every direction (its square root perturbed) are all farther from S
+    vals, vecs = np.linalg.eigh(S)
+    R = vecs * np.sqrt(np.maximum(vals, 0.0))  # R R^T = K
     for _ in range(20):
-        B = rng.normal(size=(8, 8))
-        P = B @ B.T * 0.01 + K
-        assert np.linalg.norm(P - S) >= np.linalg.norm(K - S) - 1e-9
+        C = R + 0.05 * rng.normal(size=R.shape)
+        assert np.linalg.norm(C @ C.T - S) >= np.linalg.norm(K - S) - 1e-9
     # on the simplex the clipped all-ones component only shifts the energy by a constant
     u = np.full((8, 8), 1.0)
     w1 = minimize_energy(eig_clip(S + 0.0, eps=1e-6), beta=1, lam=1, unary=np.ones(8)).weights
