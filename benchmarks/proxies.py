@@ -72,7 +72,7 @@ def run_setting(steps: int, lr: float, rank: int, seed: int, spec: str | None) -
     forget = [L[i, j] - L0[j] for i in scored for j in scored if i != j]
     gains = [signal["tasks"][names[i]]["gain"] for i in scored]
     dups = [n for n in names if roles[n] == "near_duplicate"]
-    info = {n: signal["tasks"][n]["information_gain"] for n in names}
+    info = {n: signal["tasks"][n]["information"] for n in names}
     trained = [p for p in probes["probes"].values() if p.get("status") == "trained"]
     return {
         "steps": steps, "lr": lr, "rank": rank,

@@ -1,6 +1,6 @@
 """Benchmark: does the TaskPGM mixture earn its compute? A thin caller of `taskpgm run` and `taskpgm compare`.
 
-    .venv/bin/python benchmarks/quality.py [--seeds 0 1 2 3 4] [--spec SPEC.yaml] [--quick]
+    .venv/bin/python benchmarks/quality.py [--seeds 0 1 2 3 4] [--spec SPEC.yaml | --random-world W] [--quick]
 
 Per seed S: a fresh synthetic suite from the spec (``synthetic.seed = S``; default spec: the shipped one), the
 shipped pretrained base, proxy / split / training seeds S; then the product path, unchanged: the pipeline's
@@ -47,9 +47,9 @@ def settings(quick: bool) -> dict:
     """What the benchmark fixes (recorded in quality.json)."""
     if quick:
         return {"scale": 0.25, "probe_steps": 40, "max_probe": 8, "num_samples": 1, "prior_strengths": [0.3],
-                "temperatures": [2.0], "steps": 40, "eval_every": 20, "micro_batch": 8}
+                "steps": 40, "eval_every": 20, "micro_batch": 8}
     return {"scale": 0.5, "probe_steps": 150, "max_probe": 16, "num_samples": 4, "prior_strengths": [0.1, 0.3, 1.0],
-            "temperatures": [2.0, 5.0], "steps": 300, "eval_every": 30, "micro_batch": 16}
+            "steps": 300, "eval_every": 30, "micro_batch": 16}
 
 
 def seed_config(seed: int, s: dict, out_root: Path, spec: str | None):
@@ -70,7 +70,7 @@ def seed_config(seed: int, s: dict, out_root: Path, spec: str | None):
         "tune": {"num_samples": s["num_samples"], "search": "random", "ratio_range": [0.1, 10.0],
                  "affinities": ["pmi"], "kernels": ["clip"], "prior_strengths": s["prior_strengths"],
                  "trial_steps": None, "trial_evals": 1, "trial_workers": 1, "trial_cpus_per_worker": 0.9,
-                 "baselines": True, "temperatures": s["temperatures"]},
+                 "baselines": True},  # temperatures: as many as TaskPGM's trials (one protocol)
         "tracking": {"wandb": "disabled"},
         "offline": True,
     }
@@ -128,7 +128,8 @@ def run_seed(seed: int, s: dict, out_root: Path, spec: str | None, summarize_onl
         "best_baseline": row["best_baseline"], "taskpgm_wins": row["taskpgm_wins"],
         "trial_final_spearman": row.get("trial_final_spearman"), "exact_match": accuracy,
         "proxies": {n: {k: signal["tasks"][n].get(k) for k in ("gain", "gain_low", "gain_high", "learned",
-                                                               "information_gain", "information_gain_low", "nearest",
+                                                               "information", "information_low", "information_bound",
+                                                               "output_only", "nearest",
                                                                "nearest_informative")} for n in names},
         "affinity_snr": signal.get("affinity", {}).get("snr"), "warnings": signal["warnings"],
         "near_duplicate_nn": {n: signal["tasks"][n]["nearest"] in dups for n in dups},
@@ -236,6 +237,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--spec", default=None, help="suite spec (default: the shipped one)")
+    parser.add_argument("--random-world", type=int, default=None, metavar="W",
+                        help="a generated world, taskpgm_ray.tasks.worlds.random_world(W), instead of --spec: its "
+                             "spec is written to the run directory as world-W.yaml and used exactly like --spec")
     parser.add_argument("--quick", action="store_true", help="1 seed, tiny budgets: a smoke test")
     parser.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
     parser.add_argument("--summarize", action="store_true", help="only re-read finished runs and rewrite the results")
@@ -243,8 +247,20 @@ def main() -> None:
     if args.quick and args.seeds == [0, 1, 2, 3, 4]:
         args.seeds = [0]
     s = settings(args.quick)
-    tag = "quality-quick" if args.quick else ("quality" if not args.spec else f"quality-{Path(args.spec).stem}")
+    stem = Path(args.spec).stem if args.spec else None
+    if args.random_world is not None:
+        if args.spec:
+            parser.error("give --spec or --random-world, not both")
+        stem = f"world-{args.random_world}"
+    tag = "quality-quick" if args.quick else ("quality" if not stem else f"quality-{stem}")
     out_root = ROOT / "runs" / tag
+    if args.random_world is not None:  # a spec file like a hand-written one, then passed on exactly as --spec
+        from taskpgm_ray.tasks.worlds import world_yaml
+
+        world = out_root / f"{stem}.yaml"
+        world.parent.mkdir(parents=True, exist_ok=True)
+        world.write_text(world_yaml(args.random_world))
+        args.spec = str(world)
     out_dir = Path(args.out) if args.out else (Path("/tmp/quality-quick") if args.quick
                                                else ROOT / "benchmarks" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)

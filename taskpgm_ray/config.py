@@ -172,6 +172,9 @@ class EstimationConfig:
         "stops when the mixture is certain within active_tol. Needs jsd: false (the JSD needs every pair)", False)
     active_tol: float = doc("active: stop when, at two checks in a row, the mixture is within this L1 of the "
                             "full-scoring one with probability 0.9 (bootstrap of the completed matrix)", 0.01)
+    info_prompts: int = doc(
+        "K: each probe answer of a task is scored by its own proxy and the base under its own prompt and K - 1 "
+        "other prompts of the same shard, for the bounded input-output information (at most log K nats)", 4)
     max_actor_restarts: int = doc("restarts per actor before its shards move elsewhere", 2)
     bootstrap: int = doc("bootstrap resamples for the confidence bands on the weights", 100)
 
@@ -195,8 +198,9 @@ class EnergyConfig:
     beta: float = doc("weight of the unary term", 1.0)
     lam: float = doc("weight of the pairwise term", 1.0)
     unary: Literal["representativeness", "information", "utility"] = doc(
-        "representativeness: row sums of S (the paper's); information: each proxy's gain in input-output "
-        "information over the base on its own task (noise has none); utility: the tasks' `utility` fields",
+        "representativeness: row sums of S (the paper's); information: each proxy's bounded estimate of its "
+        "task's input-output mutual information, as a fraction of its bound log K (noise has none; answer length "
+        "does not count); utility: the tasks' `utility` fields",
         "information")
     normalize: bool = doc("scale the kernel matrix to a mean diagonal of 1 and the unary to a largest |u| of 1, so "
                           "beta and lam mean the same for any number of tasks or units", True)
@@ -207,8 +211,9 @@ class EnergyConfig:
     prior_strength: float = doc("weight of the prior term (0: none; large: the prior itself)", 0.3)
     prior_skip_output_only: bool = doc(
         "the prior's baseline gives only the floor to tasks whose proxy learned the answers but not their dependence "
-        "on the prompt (estimate/signal.json `output_only`: targets that ignore the input, e.g. noise)",
-        True)
+        "on the prompt (estimate/signal.json `output_only`). Off by default: noise looks like this, but so does a "
+        "real skill beyond a small proxy, and a proxy's failure is no evidence that the target will fail",
+        False)
     floor: float = doc("every task gets at least floor / n, a fraction of its uniform weight (capped by the "
                        "repetition cap): a task left out loses even its answer format", 0.2)
     method: Literal["exact", "closed_form", "first_order", "blocks"] = doc("solver", "exact")
@@ -575,6 +580,8 @@ def _check(cfg: Config, problems: list[str]) -> None:
         if cfg.estimation.stop_when_stable is not None:
             problems.append("estimation.stop_when_stable: estimation.active has its own stop rule (active_tol); "
                             "set stop_when_stable: null")
+    if isinstance(cfg.estimation.info_prompts, int) and not 2 <= cfg.estimation.info_prompts <= 64:
+        problems.append(f"estimation.info_prompts: must be between 2 and 64, got {cfg.estimation.info_prompts}")
     if isinstance(cfg.estimation.active_tol, (int, float)) and not cfg.estimation.active_tol > 0:
         problems.append(f"estimation.active_tol: must be > 0, got {cfg.estimation.active_tol}")
     tu = cfg.tune

@@ -137,10 +137,11 @@ def read_mixture(path: str) -> dict:
 
 
 # Optional per-task arrays of likelihoods.npz beyond CONTRACT.md's sizes, written by `taskpgm estimate`:
-# the base model's summed log-likelihood of each probe set, and the input-output information sums of the
-# task's own proxy and of the base over the rotated probe pairs (taskpgm_ray.mixture.signal).
+# the base model's summed log-likelihood of each probe set, and the input-output information sums
+# (taskpgm_ray.mixture.signal.info_nce) of the task's own proxy and of the base: the sum over examples, their
+# count, the proxy's sum of squares, the sum of the bounds log K and the response tokens behind them.
 SIGNAL_ARRAYS = ("base_loglik_sum", "information_sum", "base_information_sum", "information_count",
-                 "information_gain_sq_sum")
+                 "information_sq_sum", "information_bound_sum", "information_tokens")
 
 
 def save_likelihoods(path: str, tasks, loglik_sum, count, sizes=None, measured=None, **signal: np.ndarray) -> None:

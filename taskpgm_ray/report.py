@@ -259,12 +259,12 @@ def signal_markdown(signal: dict | None) -> list[str]:
         a = signal["affinity"]
         lines += [f"PMI affinity signal-to-noise: **{a['snr']:.2f}** ({'signal' if a['has_signal'] else 'NOISE'}; "
                   f"bootstrap over probe examples, {signal['resamples']} resamples).", ""]
-    rows = [{"task": k, "gain": v["gain"], "gain_low": v["gain_low"], "gain_high": v["gain_high"],
-             "learned": v["learned"], "information_gain": v["information_gain"],
-             "output_only": v.get("output_only", False), "nearest": v.get("nearest")}
-            for k, v in signal["tasks"].items()]
-    return lines + [_table_markdown(rows, ["task", "gain", "gain_low", "gain_high", "learned", "information_gain",
-                                           "output_only", "nearest"]), ""]
+    columns = ["task", "gain", "gain_low", "gain_high", "learned", "information", "information_bound",
+               "output_only", "nearest"]
+    rows = [{"task": k, **{c: v.get(c) for c in columns[1:]}} for k, v in signal["tasks"].items()]
+    return lines + [_table_markdown(rows, columns), "",
+                    "information: the proxy's bounded estimate of the task's input-output mutual information "
+                    "(nats per example, at most information_bound = log K); output_only is a diagnostic.", ""]
 
 
 def estimation_markdown(progress: dict | None) -> list[str]:

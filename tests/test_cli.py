@@ -16,9 +16,53 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "taskpgm_ray.cli", *args], capture_output=True, text=True)
 
 
+# CONTRACT.md's command table: each command and words of its "does" column that its one-line help must say.
+CONTRACT_COMMANDS = {
+    ("run",): ["the whole pipeline"],
+    ("tasks",): ["the tasks a config resolves to", "synthetic benchmark suite"],
+    ("tasks", "list"): ["task"],
+    ("tasks", "synth"): ["synthetic benchmark suite as HF"],
+    ("probe",): ["stage 2", "proxy fine-tune"],
+    ("estimate",): ["likelihood"],
+    ("solve",): ["stage 5 alone", "saved likelihood matrix"],
+    ("train",): ["stage 6", "fine-tune", "mixture"],
+    ("tune",): ["stage 7", "energy hyperparameters"],
+    ("report",): ["plots and tables of a finished run"],
+    ("export",): ["the mixture in another framework's format"],
+    ("compare",): ["uniform, size and temperature", "same budget", "scored on the test split"],
+}
+
+
+def _listed(help_text: str) -> dict[str, str]:
+    """The Commands section of a click help page: name -> the description shown."""
+    section = help_text.split("Commands:\n", 1)[1]
+    return {m[0]: m[1].strip() for m in (line.strip().split(None, 1) for line in section.splitlines()) if len(m) == 2}
+
+
 def test_help_lists_commands():
-    p = run("--help")
-    assert p.returncode == 0 and "tasks" in p.stdout
+    """Every command of CONTRACT.md's table is in `taskpgm --help` (and `taskpgm tasks --help`) with its one-line
+    description: whole on a wide terminal, its beginning on a standard one, and saying what the table says."""
+    from click.testing import CliRunner
+
+    from taskpgm_ray.cli import cli
+
+    p = run("--help")  # the installed entry point, 80 columns: descriptions may end in "..."
+    assert p.returncode == 0, p.stderr
+    for path, words in CONTRACT_COMMANDS.items():
+        parent = cli
+        for name in path[:-1]:
+            parent = parent.commands[name]
+        command = parent.commands.get(path[-1])
+        assert command is not None, f"taskpgm {' '.join(path)}: no such command"
+        description = command.get_short_help_str(limit=10**6)
+        for w in words:
+            assert w.lower() in description.lower(), f"taskpgm {' '.join(path)}: {description!r} does not say {w!r}"
+        wide = CliRunner().invoke(cli, [*path[:-1], "--help"], terminal_width=200, max_content_width=200)
+        assert wide.exit_code == 0, wide.output
+        assert _listed(wide.output).get(path[-1]) == description, (path, wide.output)
+        if len(path) == 1:
+            shown = _listed(p.stdout).get(path[0])
+            assert shown and description.startswith(shown.removesuffix("...")), (path, p.stdout)
 
 
 def test_missing_file_is_one_line_nonzero(tmp_path):
@@ -54,18 +98,73 @@ def test_config_and_test_mode_together_is_an_error(tmp_path, capsys):
     assert capsys.readouterr().err == f"taskpgm: error: config file not found: {tmp_path / 'x.yaml'}\n"
 
 
+README_L = [[-1.2, -1.35, -2.6], [-1.3, -1.1, -2.5], [-2.4, -2.3, -0.9]]  # mean log-likelihoods, README's example
+
+
 def _likelihoods(path):
     import numpy as np
 
     from taskpgm_ray.mixture_file import save_likelihoods
 
-    L = np.array([[-1.2, -1.35, -2.6], [-1.3, -1.1, -2.5], [-2.4, -2.3, -0.9]]) * 10
+    L = np.array(README_L) * 10
     save_likelihoods(str(path), ["math", "algebra", "chat"], L, np.array([10, 10, 10]),
                      np.array([50000, 20000, 5000]))
     return path
 
 
+def _paper_energy_by_slsqp(L, *, beta: float, lam: float, eps: float):
+    """The paper's energy for mean log-likelihoods ``L`` from DESIGN.md's formulas, minimised on the simplex by
+    scipy's SLSQP: ``(p, K, u)`` with E(p) = (lam / 2) p^T K p - beta u^T p.
+
+    PMI S[a, b] = ((L[a, b] - L[b, b]) + (L[b, a] - L[a, a])) / 2; K = S shifted to PSD by its most negative
+    eigenvalue, plus eps on the diagonal; u = the row sums of K (representativeness)."""
+    import numpy as np
+    from scipy.optimize import minimize
+
+    L = np.asarray(L, dtype=float)
+    n = len(L)
+    S = np.array([[((L[a, b] - L[b, b]) + (L[b, a] - L[a, a])) / 2 for b in range(n)] for a in range(n)])
+    K = S + (max(0.0, -np.linalg.eigvalsh(S).min()) + eps) * np.eye(n)
+    u = K.sum(1)
+    res = minimize(lambda p: lam / 2 * p @ K @ p - beta * u @ p, np.full(n, 1 / n),
+                   jac=lambda p: lam * K @ p - beta * u, method="SLSQP", bounds=[(0.0, 1.0)] * n,
+                   constraints=[{"type": "eq", "fun": lambda p: p.sum() - 1, "jac": lambda p: np.ones(n)}],
+                   options={"ftol": 1e-12, "maxiter": 1000})
+    assert res.success, res.message
+    return res.x, K, u
+
+
+def _kkt_violation(p, grad) -> float:
+    """The largest violation of the KKT conditions of min E(p) on the simplex at ``p`` (``grad`` = dE/dp): p >= 0
+    summing to 1; grad_i = -nu where p_i > 0 (stationarity, complementary slackness) and grad_i + nu = mu_i >= 0
+    where p_i = 0 (dual feasibility of the bound's multiplier)."""
+    import numpy as np
+
+    p, grad = np.asarray(p, dtype=float), np.asarray(grad, dtype=float)
+    support = p > 1e-9
+    nu = -grad[support].mean()
+    return float(max(abs(p.sum() - 1), max(0.0, -p.min()), np.abs(grad[support] + nu).max(),
+                     max(0.0, -(grad[~support] + nu).min(initial=0.0))))
+
+
+def test_the_reference_solve_and_kkt_check_catch_a_wrong_mixture():
+    """The two checks the golden test leans on: each rejects what a wrong solver would return."""
+    import numpy as np
+
+    ref, K, u = _paper_energy_by_slsqp(README_L, beta=1.0, lam=1.0, eps=1e-6)
+    assert _kkt_violation(ref, K @ ref - u) < 1e-6
+    for wrong in (np.full(3, 1 / 3), ref + np.array([0.01, -0.01, 0.0]), np.array([0.5, 0.5, 0.0])):
+        assert _kkt_violation(wrong, K @ wrong - u) > 1e-4 and np.abs(wrong - ref).max() > 1e-3
+    # an active bound (beta 3: chat is left out): its multiplier's sign decides
+    sparse, K3, u3 = _paper_energy_by_slsqp(README_L, beta=3.0, lam=1.0, eps=1e-6)
+    assert _kkt_violation(sparse, K3 @ sparse - 3.0 * u3) < 1e-6 and sparse[2] < 1e-9 < sparse[:2].min()
+    for wrong in (np.array([0.0, 0.4, 0.6]), np.eye(3)[2], np.array([0.5, 0.5, 0.0])):
+        assert _kkt_violation(wrong, K3 @ wrong - 3.0 * u3) > 1e-4
+
+
 def test_solve_writes_the_contract_mixture_and_exports_round_trip(tmp_path, capsys):
+    import numpy as np
+
     from taskpgm_ray.mixture_file import parse_export, read_mixture
 
     lik = _likelihoods(tmp_path / "L.npz")
@@ -75,7 +174,13 @@ def test_solve_writes_the_contract_mixture_and_exports_round_trip(tmp_path, caps
     mix = read_mixture(str(out))
     assert mix["method"] == "taskpgm" and mix["affinity"] == "pmi" and mix["kkt_residual"] < 1e-9
     assert list(mix["weights"]) == ["math", "algebra", "chat"]
-    assert [round(w, 3) for w in mix["weights"].values()] == [0.395, 0.413, 0.192]  # README's worked example
+    # against an independent solve of the paper's energy, built from DESIGN.md's formulas (not the package's)
+    w = np.array(list(mix["weights"].values()))
+    ref, K, u = _paper_energy_by_slsqp(README_L, beta=1.0, lam=1.0, eps=1e-6)
+    assert np.abs(w - ref).max() < 1e-6, (w, ref)
+    assert mix["energy"] == pytest.approx(0.5 * w @ K @ w - u @ w, abs=1e-12)
+    assert _kkt_violation(w, K @ w - u) < 1e-9  # the CLI's own weights: optimal, not just close to SLSQP's
+    assert [round(x, 3) for x in ref] == [0.395, 0.413, 0.192]  # and the README's worked example says so
     assert mix["sizes"] == {"math": 50000, "algebra": 20000, "chat": 5000}
     # megatron blends tokens: with equal mean tokens per example the token shares are the example shares
     (tmp_path / "tokens.yaml").write_text("math: 100\nalgebra: 100\nchat: 100\n")
@@ -88,9 +193,9 @@ def test_solve_writes_the_contract_mixture_and_exports_round_trip(tmp_path, caps
         assert all(abs(back[t] - w) < tol for t, w in mix["weights"].items()), fmt
 
 
-def test_solve_gives_an_output_only_task_the_floor_unless_told_not_to(tmp_path):
-    """The largest task's proxy learned its answers (base NLL 60 -> 9) but no input dependence: `taskpgm solve`
-    reads that from the signal arrays and its prior pays the task nothing for its size."""
+def test_solve_gives_an_output_only_task_the_floor_only_when_told_to(tmp_path):
+    """The largest task's proxy learned its answers (base NLL 60 -> 9) but no input dependence: noise, or a skill
+    beyond the proxy. By default `taskpgm solve` keeps its prior share; --skip-output-only pays it only the floor."""
     import numpy as np
 
     from taskpgm_ray.mixture_file import read_mixture, save_likelihoods
@@ -98,17 +203,19 @@ def test_solve_gives_an_output_only_task_the_floor_unless_told_not_to(tmp_path):
     L = np.array([[-1.2, -1.35, -2.6, -3.0], [-1.3, -1.1, -2.5, -3.1], [-2.4, -2.3, -0.9, -2.8],
                   [-2.0, -2.1, -2.2, -0.9]]) * 10
     count = np.full(4, 10)
-    signal = {"base_loglik_sum": np.full(4, -600.0), "information_sum": np.array([90.0, 80.0, 70.0, 1.0]),
-              "base_information_sum": np.zeros(4), "information_count": count,
-              "information_gain_sq_sum": np.array([900.0, 700.0, 600.0, 40.0])}
+    info = np.array([12.0, 11.0, 9.0, 0.1])  # summed over 10 examples, each at most log 4
+    signal = {"base_loglik_sum": np.full(4, -600.0), "information_sum": info, "base_information_sum": np.zeros(4),
+              "information_count": count, "information_sq_sum": np.array([15.0, 13.0, 10.0, 3.0]),
+              "information_bound_sum": np.full(4, 10 * np.log(4)), "information_tokens": np.full(4, 40)}
     save_likelihoods(str(tmp_path / "L.npz"), ["math", "algebra", "chat", "noise"], L, count,
                      np.array([5000, 2000, 500, 50000]), **signal)
     weights = {}
-    for flag in ("--skip-output-only", "--no-skip-output-only"):
-        out = tmp_path / f"{flag}.json"
-        assert main(["solve", "--likelihoods", str(tmp_path / "L.npz"), "--out", str(out), flag]) == 0
+    for flag in ((), ("--skip-output-only",), ("--no-skip-output-only",)):
+        out = tmp_path / f"{'-'.join(flag) or 'default'}.json"
+        assert main(["solve", "--likelihoods", str(tmp_path / "L.npz"), "--out", str(out), *flag]) == 0
         weights[flag] = read_mixture(str(out))["weights"]["noise"]
-    assert weights["--skip-output-only"] < 1.05 * 0.2 / 4 < 2 * 0.2 / 4 < weights["--no-skip-output-only"], weights
+    assert weights[("--skip-output-only",)] < 1.05 * 0.2 / 4 < 2 * 0.2 / 4 < weights[()], weights
+    assert weights[()] == weights[("--no-skip-output-only",)]
 
 
 def test_solve_budget_and_bad_input(tmp_path, capsys):

@@ -35,7 +35,8 @@ def make_config(out, tasks=TASKS, **overrides):
     base = {"output_dir": str(out), "synthetic.include": list(tasks), "model.name": "tiny",  # fast: mechanics only
             "probes.steps": 4, "probes.batch_size": 8,
             "estimation.shard_size": 4, "estimation.batch_size": 3, "estimation.num_actors": 1,
-            "estimation.jsd_top_k": 8, "estimation.bootstrap": 10, "tracking.wandb": "disabled"}
+            "estimation.jsd_top_k": 8, "estimation.bootstrap": 10, "estimation.info_prompts": 3,
+            "tracking.wandb": "disabled"}
     return config_from_dict(data, overrides={**base, **overrides})
 
 
@@ -102,23 +103,32 @@ def serial_reference(cfg):
 
     base = build_model(cfg.model, tok).eval()
     signal = {k: np.zeros(n) for k in ("base_loglik_sum", "information_sum", "base_information_sum",
-                                       "information_count", "information_gain_sq_sum")}
-    size = cfg.estimation.shard_size
+                                       "information_count", "information_sq_sum", "information_bound_sum",
+                                       "information_tokens")}
+    size, prompts = cfg.estimation.shard_size, cfg.estimation.info_prompts
     for j, t in enumerate(tasks):
         own = PeftModel.from_pretrained(build_model(cfg.model, tok), str(probe_dir(cfg, t))).eval()
         for s in range(0, len(t.probe), size):
             shard = t.probe[s:s + size]
+            K = min(prompts, len(shard))  # its own prompt and K - 1 others of the shard
             for k, ex in enumerate(shard):
                 b = score(base, ex.prompt, ex.response)
                 signal["base_loglik_sum"][j] += b
-                if len(shard) < 2:
+                if K < 2:
                     continue
-                other = shard[(k + 1) % len(shard)].response  # prompt k with response k + 1, within the shard
-                own_info = score(own, ex.prompt, ex.response) - score(own, ex.prompt, other)
-                base_info = b - score(base, ex.prompt, other)
+                # answer k under prompts k, k - 1, ..., k - K + 1 (cyclically within the shard), straight from the
+                # definition of the bounded information: log q(y|x) - log mean over the K prompts of q(y|x')
+                prompts_k = [shard[(k - r) % len(shard)].prompt for r in range(K)]
+                own_ll = np.array([score(own, x, ex.response) for x in prompts_k])
+                base_ll = np.array([score(base, x, ex.response) for x in prompts_k])
+                own_info = own_ll[0] - np.log(np.mean(np.exp(own_ll)))
+                base_info = base_ll[0] - np.log(np.mean(np.exp(base_ll)))
                 signal["information_sum"][j] += own_info
                 signal["base_information_sum"][j] += base_info
-                signal["information_gain_sq_sum"][j] += (own_info - base_info) ** 2
+                signal["information_sq_sum"][j] += own_info ** 2
+                signal["information_bound_sum"][j] += np.log(K)
+                enc = collate([encode_example(tok, ex.prompt, ex.response, cfg.model.max_length)], tok.pad_token_id)
+                signal["information_tokens"][j] += int((enc["labels"][0, 1:] != IGNORE_INDEX).sum())
                 signal["information_count"][j] += 1
     return loglik, count, jsd, len(idx[0]), signal
 
@@ -141,12 +151,13 @@ def test_matrix_matches_serial_reference_and_adding_a_task_scores_only_new_pairs
     first, first_ll, second, lik, jsd = full_run
     cfg3, cfg4 = make_config(probed, TASKS[:3]), make_config(probed)
     shards3 = make_shards(load_tasks(cfg3), 4, scoring_settings(cfg3))
-    # each shard: 3 adapters, the base, and the own adapter and the base on the rotated pairs
-    assert first["scored"] == len(shards3) == 7 and first["adapter_shard_scorings"] == 7 * (3 + 3)
-    assert first["forwards"] == 7 * 2 * (3 + 3)  # 7 shards of 4 examples = 2 batches (3 + 1)
+    # each shard: 3 adapters, the base, and the own adapter and the base on the pairs rotated by 1 and 2
+    # (info_prompts K = 3: each answer under its own prompt and 2 others)
+    assert first["scored"] == len(shards3) == 7 and first["adapter_shard_scorings"] == 7 * (3 + 1 + 4)
+    assert first["forwards"] == 7 * 2 * (3 + 1 + 4)  # 7 shards of 4 examples = 2 batches (3 + 1)
     # the fourth task: its adapter on the 7 old shards, every adapter (+ base, + rotated) on its 1 new shard
     assert second["shards_cached"] == 0 and second["scored"] == 8
-    assert second["adapter_shard_scorings"] == 7 * 1 + 1 * (4 + 3)
+    assert second["adapter_shard_scorings"] == 7 * 1 + 1 * (4 + 1 + 4)
 
     assert list(lik["tasks"]) == TASKS and lik["loglik_sum"].dtype == np.float64
     ref_ll, ref_count, ref_jsd, ref_tokens, ref_signal = serial_reference(cfg4)
@@ -195,7 +206,7 @@ def test_interrupted_run_resumes_and_a_killed_actor_changes_nothing(probed, full
     import ray
 
     _, _, clean, clean_ll, clean_jsd = full_run  # the clean four-task run
-    clean_forwards = 8 * 2 * (4 + 3)  # 8 shards x 2 batches x (4 adapters + base + 2 rotated)
+    clean_forwards = 8 * 2 * (4 + 1 + 4)  # 8 shards x 2 batches x (4 adapters + base + 4 rotated)
     run = copy_run(probed, tmp_path / "run")
     cfg = make_config(run)
 
@@ -219,7 +230,7 @@ def test_interrupted_run_resumes_and_a_killed_actor_changes_nothing(probed, full
     resumed = estimate_command(cfg, on_result=kill_one)
     assert killed and resumed["actor_failures"] >= 1 and resumed["requeued"] >= 1
     assert resumed["shards_cached"] == 2 and resumed["scored"] == 8 - 2
-    per_shard = {s.key: (4 + 3) * 2 for s in make_shards(load_tasks(cfg), 4, scoring_settings(cfg))}
+    per_shard = {s.key: (4 + 1 + 4) * 2 for s in make_shards(load_tasks(cfg), 4, scoring_settings(cfg))}
     assert resumed["forwards"] == clean_forwards - sum(per_shard[k] for k in done_keys)
     got = load_npz(run / "likelihoods.npz")
     np.testing.assert_array_equal(got["loglik_sum"], clean_ll["loglik_sum"])

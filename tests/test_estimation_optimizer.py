@@ -26,9 +26,13 @@ def mean_loglik(seed=0):
 
 
 def info_sums(info):
-    """Signal sums whose information gain is ``info`` (one example per task; no base sums: nothing skipped)."""
-    return {"information_sum": np.asarray(info, float), "base_information_sum": np.zeros(len(info)),
-            "information_count": np.ones(len(info))}
+    """Signal sums whose information unary is ``info / max(info)`` (one example per task, each with the bound
+    ``max(info)``; no base sums)."""
+    info = np.asarray(info, float)
+    return {"information_sum": info, "base_information_sum": np.zeros(len(info)),
+            "information_count": np.ones(len(info)),
+            "information_sq_sum": info**2, "information_bound_sum": np.full(len(info), max(float(info.max()), 1e-9)),
+            "information_tokens": np.ones(len(info))}
 
 
 def stream(drift: float, seed=0):
@@ -109,7 +113,7 @@ def test_solve_from_sums_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"needs a `utility` for every task; missing for task index\(es\) \[2\]"):
         solve_from_sums(L, np.ones(N), None, None, EnergyConfig(unary="utility", prior="none"),
                         utilities=[1.0, 0.5, None, 0.2])
-    with pytest.raises(ValueError, match="unary 'information' needs each task's information gain"):
+    with pytest.raises(ValueError, match="unary 'information' needs each task's information"):
         solve_from_sums(L, np.ones(N), None, None, EnergyConfig())
     with pytest.raises(ValueError, match="prior 'temperature' needs the tasks' training sizes"):
         solve_from_sums(L, np.ones(N), None, None, EnergyConfig(), signal=info_sums(np.ones(N)))
@@ -141,15 +145,19 @@ def test_default_energy_is_the_documented_algorithm_box():
     assert np.argmax(greedy) == 3 and greedy[3] > 0.99
 
 
-def test_the_prior_gives_a_task_whose_answers_ignore_the_prompt_no_share_for_its_size():
-    """Task 3 is the largest and its proxy learned its answers (NLL 6 -> 2) but no input dependence: with the
-    default energy the prior's baseline gives it only the floor (the others share the rest in proportion), so
-    it keeps the floor, also when repetition caps push mass away from the others."""
+def test_the_output_only_switch_gives_such_a_task_only_the_floor_and_is_off_by_default():
+    """Task 3 is the largest and its proxy learned its answers (NLL 6 -> 2) but no input dependence. Noise looks
+    like that, and so does a skill beyond the proxy, so by default no rule acts on it: it keeps its prior share's
+    pull. With ``prior_skip_output_only`` the prior's baseline gives it only the floor (the others share the
+    rest in proportion), also when repetition caps push mass away from the others."""
     from taskpgm_ray.mixture import baseline_weights
 
     L, count, sizes = mean_loglik(), np.array([5, 6, 7, 8]), np.array([800, 800, 50, 3000])
     signal = {**info_sums([4.0, 3.0, 0.5, 0.0]), "base_loglik_sum": -6.0 * count}
-    e = EnergyConfig()
+    default, _, _ = solve_from_sums(L * count[None, :], count, None, None, EnergyConfig(), signal=signal,
+                                    sizes=sizes)
+    e = dataclasses.replace(EnergyConfig(), prior_skip_output_only=True)
+    assert not EnergyConfig().prior_skip_output_only
     w, sol, K = solve_from_sums(L * count[None, :], count, None, None, e, signal=signal, sizes=sizes)
     q = baseline_weights("temperature", sizes, temperature=e.prior_temperature)
     lo = e.floor / N
@@ -174,6 +182,7 @@ def test_the_prior_gives_a_task_whose_answers_ignore_the_prompt_no_share_for_its
     unlearned = {**signal, "base_loglik_sum": L[3, 3] * count}
     same, _, _ = solve_from_sums(L * count[None, :], count, None, None, e, signal=unlearned, sizes=sizes)
     np.testing.assert_allclose(same, kept, atol=1e-12)
+    np.testing.assert_allclose(default, kept, atol=1e-12)  # the default: no rule reads the flag
 
 
 def test_a_solve_that_did_not_converge_is_never_a_silent_mixture():
@@ -193,3 +202,35 @@ def test_a_solve_that_did_not_converge_is_never_a_silent_mixture():
         solve_from_sums(L * count[None, :], count, None, None,
                         dataclasses.replace(slow, method="closed_form", floor=0.0, prior="none"),
                         signal=info_sums(info), sizes=sizes)
+
+
+def test_default_energy_no_rule_starves_a_skill_the_proxy_could_not_learn_and_noise_gets_no_more_than_its_prior():
+    """Tasks 0 and 1 are learned skills (a long answer and a one-token label: both near log K, whatever the
+    length); task 2 is a real skill beyond the proxy and task 3 noise: the proxy shows neither any information,
+    so their unary is the same (0) and no rule reads the output-only flag by default (the solve is the one
+    without it). Noise gets no more than its prior share. What the soft unary still does to task 2 (beta 1 puts
+    it near the floor here) is Tune's to weigh on validation, against the temperature trials."""
+    from taskpgm_ray.mixture import baseline_weights
+
+    L, count, sizes = mean_loglik(), np.full(N, 16), np.array([800, 800, 400, 400])
+    K = np.log(4)
+    signal = {"base_loglik_sum": -6.0 * count, "information_sum": np.array([0.98, 0.95, 0.0, 0.0]) * K * count,
+              "base_information_sum": np.zeros(N), "information_count": count,
+              "information_sq_sum": np.array([0.98, 0.95, 0.01, 0.01]) ** 2 * K**2 * count,
+              "information_bound_sum": K * count, "information_tokens": np.array([20, 1, 3, 5]) * count}
+    e = EnergyConfig()
+    w, sol, _ = solve_from_sums(L * count[None, :], count, None, None, e, signal=signal, sizes=sizes)
+    q = baseline_weights("temperature", sizes, temperature=e.prior_temperature)
+    np.testing.assert_allclose(sol.extra["u"], [1.0, 0.95 / 0.98, 0.0, 0.0])  # answer length does not decide
+    flagged = {**signal, "information_sum": signal["information_sum"] * 1.0}
+    assert output_only_flags(flagged, L, count)[2:].tolist() == [True, True]  # the diagnostic sees both
+    unflagged = {k: v for k, v in signal.items() if k != "base_loglik_sum"}  # no flag can be computed
+    w_ref, _, _ = solve_from_sums(L * count[None, :], count, None, None, e, signal=unflagged, sizes=sizes)
+    np.testing.assert_array_equal(w, w_ref)  # so no rule acted on it
+    assert w[3] <= q[3] + 1e-12 and w.min() >= e.floor / N - 1e-12
+
+
+def output_only_flags(signal, L, count):
+    from taskpgm_ray.mixture.signal import output_only
+
+    return output_only(signal, np.diag(L) * count, count)

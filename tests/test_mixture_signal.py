@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from taskpgm_ray.mixture import eig_clip, energy_matrix, minimize_energy, pmi_affinity
-from taskpgm_ray.mixture.signal import affinity_snr, information_gain, input_information, output_only, proxy_gains
+from taskpgm_ray.mixture.signal import (
+    affinity_snr,
+    info_nce,
+    information_unary,
+    input_information,
+    output_only,
+    proxy_gains,
+)
 
 
 def test_gain_and_its_interval_separate_a_learned_proxy_from_an_unlearned_one():
@@ -21,52 +28,72 @@ def test_gain_and_its_interval_separate_a_learned_proxy_from_an_unlearned_one():
     assert g[0].examples == 40
 
 
-def test_information_is_zero_for_noise_and_positive_for_a_skill():
+def test_information_is_bounded_by_log_k_zero_for_noise_and_blind_to_answer_length():
+    """The rotated-pair statistic summed log-likelihood gaps over answer tokens: a 20-token answer scored 60 nats,
+    a 1-token class label 3, though no mutual information here exceeds log K. The bounded estimate gives both
+    skills nearly all of log K, noise about 0, and never more than log K."""
     rng = np.random.default_rng(0)
-    m = 30
-    base, base_rot = -20 + rng.normal(0, 1, m), -20 + rng.normal(0, 1, m)
-    skill, skill_rot = -2 + rng.normal(0, 0.5, m), -25 + rng.normal(0, 1, m)  # the answer needs the input
-    noise, noise_rot = -12 + rng.normal(0, 1, m), -12 + rng.normal(0, 1, m)   # any answer is as likely
-    info = input_information([skill, noise], [skill_rot, noise_rot], [base, base], [base_rot, base_rot],
-                             n_boot=300)
-    assert info[0].proxy == pytest.approx(np.mean(skill - skill_rot))
-    assert info[0].gain > 20 and info[0].low > 0
-    assert info[1].low < 0 < info[1].high
-    gain = information_gain(np.array([np.sum(skill - skill_rot), 0.0]),
-                            np.array([np.sum(base - base_rot), 0.0]), np.array([m, m]))
-    assert gain[0] == pytest.approx(info[0].gain) and gain[1] == 0.0
-    assert information_gain(np.zeros(2), np.zeros(2), np.array([3, 0])) is None
-    # with the squared gains: the lower confidence bound, floored at 0 (noise gets nothing for sampling luck)
-    d = [skill - skill_rot - (base - base_rot), noise - noise_rot - (base - base_rot)]
-    lcb = information_gain(np.array([np.sum(skill - skill_rot), np.sum(noise - noise_rot)]),
-                           np.array([np.sum(base - base_rot)] * 2), np.array([m, m]),
-                           np.array([np.sum(x**2) for x in d]))
-    se = d[0].std(ddof=1) / np.sqrt(m)
-    assert lcb[0] == pytest.approx(d[0].mean() - 1.645 * se) and lcb[1] == 0.0
+    K, m = 4, 64
+    gap_long, gap_short = 60.0, 3.0  # own prompt vs another's: summed over 20 tokens / for 1 token
+    long_skill = np.vstack([np.full(m, -2.0), np.full((K - 1, m), -2.0 - gap_long)])
+    short_skill = np.vstack([np.full(m, -0.1), np.full((K - 1, m), -0.1 - gap_short)])
+    noise = -12 + rng.normal(0, 0.3, (K, m))
+    for scores in (long_skill, short_skill, noise, rng.normal(-5, 10, (K, m))):
+        assert np.all(info_nce(scores) <= np.log(K) + 1e-12)
+    i_long, i_short, i_noise = (info_nce(x).mean() for x in (long_skill, short_skill, noise))
+    assert i_long == pytest.approx(np.log(K), abs=1e-9)
+    assert i_short / np.log(K) > 0.85 and i_long / i_short < 1.15  # the old statistic: 20x apart
+    assert abs(i_noise) < 0.1 * np.log(K)
+    # a 4-class answer whose label other prompts share half the time: information, but less than log K
+    shared = np.vstack([np.full(m, -0.1), np.where(rng.random((K - 1, m)) < 0.5, -0.1, -6.0)])
+    assert 0.1 * np.log(K) < info_nce(shared).mean() < 0.8 * np.log(K)
+    # by hand, one example: log q(y|x) - log mean_r q(y|x_r)
+    col = np.array([[-1.0], [-2.0], [-3.0]])
+    assert info_nce(col)[0] == pytest.approx(-1.0 - np.log(np.mean(np.exp([-1.0, -2.0, -3.0]))))
+
+
+def test_information_unary_is_the_fraction_of_the_bound():
+    sums = {"information_sum": np.array([10 * np.log(4), 5.0, -3.0]),
+            "information_bound_sum": np.full(3, 10 * np.log(4)),
+            "information_count": np.array([10, 10, 10])}
+    u = information_unary(sums)
+    assert u[0] == pytest.approx(1.0) and u[1] == pytest.approx(5 / (10 * np.log(4))) and u[2] == 0.0
+    assert information_unary({**sums, "information_count": np.array([10, 0, 10])}) is None
+    assert information_unary({k: v for k, v in sums.items() if k != "information_bound_sum"}) is None
+
+
+def test_input_information_reports_the_estimate_its_interval_bound_and_per_token_value():
+    rng = np.random.default_rng(1)
+    own = np.log(4) - np.abs(rng.normal(0, 0.2, 40))
+    base = rng.normal(0, 0.1, 40)
+    (info,) = input_information([own], [base], [np.full(40, np.log(4))], [np.full(40, 5.0)], n_boot=300)
+    assert info.proxy == pytest.approx(own.mean()) and info.base == pytest.approx(base.mean())
+    assert info.low <= info.proxy <= info.high <= np.log(4)
+    assert info.bound == pytest.approx(np.log(4)) and info.per_token == pytest.approx(own.sum() / 200)
 
 
 def test_output_only_flags_learned_answers_that_ignore_the_prompt_and_nothing_else():
-    """Noise (answers learned, no input dependence) is flagged; a real skill with a small, noisy probe set (wide
-    interval, clearly positive estimate) and a proxy that learned nothing (no evidence either way) are not."""
+    """Answers learned, no input dependence: flagged (noise, or a skill beyond the proxy: it cannot tell them
+    apart, which is why no rule acts on it by default). A real skill with a small, noisy probe set, and a proxy
+    that learned nothing (no evidence either way) are not."""
     rng = np.random.default_rng(0)
-    m = 16
+    m, K = 16, 4
     base = -30 + rng.normal(0, 1, (4, m))
-    own = np.stack([base[0] + 18,                  # noise: learned the answers' statistics (60% gain)
+    own = np.stack([base[0] + 18,                  # answers' statistics learned (60% gain), no dependence
                     base[1] + 15,                  # skill, small and noisy probe set
                     base[2] + rng.normal(0, 1, m),  # unlearned proxy: the base's NLL
                     base[3] + 20])                 # a clean skill
-    info_own = np.stack([rng.normal(0, 4, m), 8 + rng.normal(0, 12, m), rng.normal(0, 1, m), 20 + rng.normal(0, 1, m)])
+    info_own = np.stack([rng.normal(0, 0.3, m), np.clip(0.8 + rng.normal(0, 0.8, m), None, np.log(K)),
+                         rng.normal(0, 0.3, m), np.full(m, np.log(K) - 0.01)])
     sums = {"base_loglik_sum": base.sum(1), "information_sum": info_own.sum(1), "base_information_sum": np.zeros(4),
-            "information_count": np.full(4, m), "information_gain_sq_sum": (info_own**2).sum(1)}
-    low = information_gain(sums["information_sum"], sums["base_information_sum"], sums["information_count"],
-                           sums["information_gain_sq_sum"])
-    assert low[0] == 0 and low[1] == 0 and low[3] > 0  # the skill's bound is 0 too: only its estimate differs
+            "information_count": np.full(4, m), "information_sq_sum": (info_own**2).sum(1),
+            "information_bound_sum": np.full(4, m * np.log(K))}
     assert output_only(sums, own.sum(1), np.full(4, m)).tolist() == [True, False, False, False]
     assert output_only({k: v for k, v in sums.items() if k != "base_loglik_sum"}, own.sum(1), np.full(4, m)) is None
 
 
 def test_a_one_example_task_has_no_information_estimate():
-    (info,) = input_information([np.array([-1.0])], [np.array([-2.0])], [np.array([-3.0])], [np.array([-3.0])])
+    (info,) = input_information([np.array([-1.0])], [np.array([-2.0])], [np.array([1.0])], [np.array([3.0])])
     assert info.examples == 0 and np.isnan(info.gain)
 
 

@@ -127,13 +127,20 @@ def test_run_directory_follows_the_contract(run_dir):
     # reliably each other's nearest (benchmarks/quality.py measures how often they are).
     for name, t in signal["tasks"].items():
         assert t["nearest"] in names and t["nearest"] != name and 0 <= t["nearest_stability"] <= 1, (name, t)
-    info = {n: signal["tasks"][n]["information_gain_low"] for n in ("noise_a", "reverse_a")}
+    # the bounded information: never above its bound log K, about 0 for noise, most of the bound for a skill
+    for name, t in signal["tasks"].items():
+        assert t["information"] <= t["information_bound"] + 1e-9 and t["information_bound"] > 0, (name, t)
+    info = {n: signal["tasks"][n]["information_low"] for n in ("noise_a", "reverse_a")}
     assert info["noise_a"] <= 0 < info["reverse_a"], info
-    # noise: answers learned, no dependence on the prompt; flagged, warned about, and the prior pays it nothing
+    assert signal["tasks"]["reverse_a"]["information_fraction"] > 0.5, signal["tasks"]["reverse_a"]
+    # noise: answers learned, no dependence on the prompt; flagged and warned about (a diagnostic only)
     assert signal["tasks"]["noise_a"]["output_only"] and not signal["tasks"]["reverse_a"]["output_only"]
     assert any("'noise_a'" in w and "dependence on the prompt" in w for w in signal["warnings"])
+    from taskpgm_ray.mixture import baseline_weights
+
     default = json.loads((run_dir / "estimate" / "mixture.json").read_text())["weights"]
-    assert default["noise_a"] <= 0.25 / len(names), default
+    prior = baseline_weights("temperature", [t["sizes"]["train"] for t in tasks], temperature=2.0)
+    assert default["noise_a"] <= prior[names.index("noise_a")] + 1e-9, default  # no more than its prior share
 
 
 def _wandb_records(run: Path) -> list[dict]:

@@ -15,8 +15,9 @@ log-probabilities, T x k per proxy: about 8 k bytes per probe token per proxy), 
 a new proxy with the cached ones are computed, plus the pairwise JSD sums for the proxies it has.
 
 Besides the proxies, every shard is scored by the base model (key ``base``), and by the shard's own
-proxy and the base with each prompt paired with the next example's response (keys ``rot:<hash>`` and
-``rot:base``): the input-output information of ``taskpgm_ray.mixture.signal``. These n + 3 scorings per
+proxy and the base with each prompt paired with the response r examples on, for r = 1 .. K - 1 (keys
+``rot:<hash>``, ``rot2:<hash>``, ...; K = ``estimation.info_prompts``, at most the shard's size): the bounded
+input-output information of ``taskpgm_ray.mixture.signal.info_nce``. These n + 1 + 2 (K - 1) scorings per
 shard (instead of n) feed the signal checks and the energy's ``information`` unary.
 
 The driver feeds every result to the central optimiser (``optimizer.MixtureOptimizer``, one actor),
@@ -56,7 +57,7 @@ from taskpgm_ray.tasks import TaskData
 
 SCORING_VERSION = 1  # bump when the scoring arithmetic changes: it invalidates every cached shard
 BASE = "base"  # the cache key of the base model's scores (no adapter)
-ROT = "rot:"  # prefix of a scoring with rotated pairs: prompt k with response k + 1 (input-output information)
+ROT = "rot:"  # prefix of a scoring with rotated pairs: prompt k with response k + r (input-output information)
 IN_FLIGHT_PER_ACTOR = 2  # a queued shard per actor hides the round trip to the driver
 
 
@@ -185,8 +186,8 @@ class EstimationActor:
               cached_topk: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> dict:
         """Score ``shard`` under the keys ``hashes``; with ``pair_hashes``, also their pairwise JSD sums.
 
-        A key is a proxy's adapter hash, ``base`` (the base model), or ``rot:<key>`` (that model on the
-        shard's rotated pairs: prompt k with response k + 1). Top-k arrays are kept for proxies only.
+        A key is a proxy's adapter hash, ``base`` (the base model), or ``rot_key(r, <key>)`` (that model on the
+        shard's pairs rotated by r: prompt k with response k + r). Top-k arrays are kept for proxies only.
 
         Returns ``{"loglik": {key: (m,) float64}, "topk": {hash: (idx (T, k) int32, logp (T, k) float32)},
         "n_tokens": (m,), "jsd_hashes", "jsd_sum": (b, b) or None, "forwards", "pid"}``.
@@ -206,15 +207,17 @@ class EstimationActor:
             return [collate(encoded[s : s + self._batch_size], self._tok.pad_token_id)
                     for s in range(0, len(encoded), self._batch_size)]
 
-        straight, rotated = batches(shard.pairs), batches(rotate_pairs(shard.pairs))
+        inputs = {0: batches(shard.pairs)}  # rotation r -> its batches, built when first needed
         out: dict[str, Any] = {"loglik": {}, "topk": {}, "n_tokens": None, "forwards": 0, "pid": os.getpid()}
         with torch.inference_mode():
             for key in hashes:
-                model_key = key.removeprefix(ROT)
+                r, model_key = split_key(key)
+                if r not in inputs:
+                    inputs[r] = batches(rotate_pairs(shard.pairs, r))
                 keep_topk = bool(self._top_k) and model_key == key and key != BASE
                 ll, idx, logp, n_tok = [], [], [], []
                 with self._model(model_key) as net:
-                    for batch in rotated if key.startswith(ROT) else straight:
+                    for batch in inputs[r]:
                         b_ll, b_idx, b_logp, b_n = self._score_batch(net, batch, keep_topk)
                         ll.append(b_ll)
                         idx.append(b_idx)
@@ -289,9 +292,35 @@ def _adapter_name(h: str) -> str:
     return f"p{h}"
 
 
-def rotate_pairs(pairs: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
-    """Prompt k with response k + 1 (cyclically): answers that belong to other inputs of the same task."""
-    return [(pairs[k][0], pairs[(k + 1) % len(pairs)][1]) for k in range(len(pairs))]
+def rotate_pairs(pairs: tuple[tuple[str, str], ...], r: int = 1) -> list[tuple[str, str]]:
+    """Prompt k with response k + r (cyclically): answers that belong to other inputs of the same task."""
+    return [(pairs[k][0], pairs[(k + r) % len(pairs)][1]) for k in range(len(pairs))]
+
+
+def rot_key(r: int, key: str) -> str:
+    """The cache key of ``key``'s model on the pairs rotated by ``r`` (``rot:`` for r = 1, then ``rot2:``, ...)."""
+    return f"{ROT}{key}" if r == 1 else f"rot{r}:{key}"
+
+
+def split_key(key: str) -> tuple[int, str]:
+    """``(r, model key)`` of a cache key: r = 0 for a straight scoring."""
+    head, sep, rest = key.partition(":")
+    if sep and head.startswith("rot"):
+        return int(head[3:] or 1), rest
+    return 0, key
+
+
+def aligned_information(ll: dict, key: str, m: int, prompts: int) -> np.ndarray | None:
+    """(m,) ``info_nce`` of each example's answer under ``key``'s model, from its own prompt and the rotated
+    scorings present (at most ``prompts`` prompts in all), or None when the shard has no rotation.
+
+    ``ll[rot_key(r, key)][k]`` scores answer k + r under prompt k, so ``np.roll(., r)[k]`` is answer k under
+    prompt k - r: every row of the stack scores the same answers."""
+    from taskpgm_ray.mixture.signal import info_nce
+
+    rows = [ll[key]] + [np.roll(ll[rot_key(r, key)], r) for r in range(1, min(prompts, m))
+                        if rot_key(r, key) in ll]
+    return info_nce(np.stack(rows)) if len(rows) > 1 else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -353,12 +382,12 @@ def _jsd_pairs(rec: dict, order: list[str]) -> np.ndarray | None:
     return np.asarray(rec["jsd_sum"])[np.ix_(pos, pos)]
 
 
-def shard_keys(shard: Shard, order: list[str]) -> list[str]:
+def shard_keys(shard: Shard, order: list[str], prompts: int) -> list[str]:
     """What a shard is scored under: every proxy, the base, and (with two or more examples, so a rotation
-    exists) its own task's proxy and the base on the rotated pairs."""
+    exists) its own task's proxy and the base on the pairs rotated by 1 .. min(prompts, examples) - 1."""
     keys = [*order, BASE]
-    if len(shard.pairs) >= 2:
-        keys += [ROT + order[shard.task], ROT + BASE]
+    for r in range(1, min(prompts, len(shard.pairs))):
+        keys += [rot_key(r, order[shard.task]), rot_key(r, BASE)]
     return keys
 
 
@@ -451,7 +480,7 @@ def estimate_command(cfg: Config, *, tasks: list[TaskData] | None = None,
         if e.active:
             active = _estimate_active(cfg, tasks, shards, order, records, pool, progress)
             used, trajectory, bands = [s.index for s in shards], active["trajectory"], active["bands"]
-            sums = {s.index: _shard_sums(s, records[s.index], order, False) for s in shards}
+            sums = {s.index: _shard_sums(s, records[s.index], order, False, e.info_prompts) for s in shards}
             cached = active["cached"]
         else:
             used, cached, sums, trajectory, bands = _estimate_full(cfg, tasks, shards, order, records, pool,
@@ -465,7 +494,7 @@ def estimate_command(cfg: Config, *, tasks: list[TaskData] | None = None,
     measured = np.broadcast_to(count / probe_total, (n, n)).copy()  # every proxy scored the shards used
     if active is not None:  # the solver sees the completed matrix; measured cells keep their exact sums
         loglik_sum, count, measured = active["loglik_sum"], active["count"], active["measured"]
-    examples = _per_example(shards, sorted(used), records, order)
+    examples = _per_example(shards, sorted(used), records, order, e.info_prompts)
     atomic_savez(out_dir / "estimate" / "examples.npz", tasks=np.array(names), **examples)
     signal = signal_checks(names, examples, n_boot=max(e.bootstrap, 100), seed=cfg.probes.seed)
     atomic_write_json(out_dir / "estimate" / "signal.json", signal)
@@ -504,8 +533,8 @@ def _estimate_full(cfg, tasks, shards, order, records, pool, progress, utilities
 
     e = cfg.estimation
     # 1. the cache: what is already scored, and which (proxy, shard) pairs are missing
-    todo = deque((s, _missing(records[s.index], shard_keys(s, order), order, e.jsd)) for s in shards
-                 if _missing(records[s.index], shard_keys(s, order), order, e.jsd)
+    todo = deque((s, _missing(records[s.index], shard_keys(s, order, e.info_prompts), order, e.jsd)) for s in shards
+                 if _missing(records[s.index], shard_keys(s, order, e.info_prompts), order, e.jsd)
                  or (e.jsd and _jsd_pairs(records[s.index], order) is None))
     pending = {s.index for s, _ in todo}
     cached = [s for s in shards if s.index not in pending]
@@ -520,14 +549,14 @@ def _estimate_full(cfg, tasks, shards, order, records, pool, progress, utilities
     last_update = None  # the optimizer's answer to the previous shard, read for the live line when ready
     try:
         for s in cached:
-            sums[s.index] = _shard_sums(s, records[s.index], order, e.jsd)
+            sums[s.index] = _shard_sums(s, records[s.index], order, e.jsd, e.info_prompts)
             status = ray.get(optimizer.add.remote(sums[s.index]))
             if status["stable"]:
                 break
 
         def after(s: Shard, keys: list[str]) -> None:
             nonlocal last_update
-            sums[s.index] = _shard_sums(s, records[s.index], order, e.jsd)
+            sums[s.index] = _shard_sums(s, records[s.index], order, e.jsd, e.info_prompts)
             update = optimizer.add.remote(sums[s.index])
             if e.stop_when_stable is not None:  # only the stopping rule needs the answer before going on
                 status.update(ray.get(update))
@@ -561,7 +590,7 @@ def _estimate_active(cfg, tasks, shards, order, records, pool, progress) -> dict
     ``mixture_certainty`` is certain within ``estimation.active_tol`` at two checks in a row.
 
     A unit is (proxy i, shard r of task j); the base model and the rotated pairs score every shard (the
-    signal checks and the information unary need them; 3 scorings per shard against n proxies). Units are
+    signal checks and the information unary need them; 1 + 2 (K - 1) scorings per shard against n proxies). Units are
     cached per (adapter, shard) as in a full run, so an interrupted run resumes with what it had; the stop
     rule's streak is kept in ``estimate/active.json`` under a hash of the scored units, so a re-run of a
     finished estimation scores nothing.
@@ -605,7 +634,7 @@ def _estimate_active(cfg, tasks, shards, order, records, pool, progress) -> dict
         todo = deque()
         for j, b in enumerate(by_task):
             for r, s in enumerate(b):
-                keys = [order[i] for i in np.flatnonzero(plan[:, j, r])] + shard_keys(s, order)[n:]
+                keys = [order[i] for i in np.flatnonzero(plan[:, j, r])] + shard_keys(s, order, e.info_prompts)[n:]
                 have = (records[s.index] or {"loglik": {}})["loglik"]
                 need = [k for k in keys if k not in have]
                 if need:
@@ -628,7 +657,7 @@ def _estimate_active(cfg, tasks, shards, order, records, pool, progress) -> dict
             pool.score(todo, after=after)
         scored, Y = scored_units()
         # the energy's inputs besides L: the signal sums from the base and rotated scorings of every shard
-        _, _, _, _, sig = _totals([_shard_sums(s, records[s.index], order, False) for s in shards], n)
+        _, _, _, _, sig = _totals([_shard_sums(s, records[s.index], order, False, e.info_prompts) for s in shards], n)
 
         def solve(L: np.ndarray, sig: dict = sig) -> np.ndarray:
             return solve_from_sums(L * N[None, :], N, None, None, cfg.energy, utilities=utilities,
@@ -719,42 +748,51 @@ def _totals(sums: list[ShardSums], n: int) -> tuple[np.ndarray, np.ndarray, np.n
     return loglik_sum, count, jsd_sum, tokens, signal
 
 
-def _shard_sums(shard: Shard, rec: dict, order: list[str], jsd: bool) -> ShardSums:
+def _shard_sums(shard: Shard, rec: dict, order: list[str], jsd: bool, prompts: int) -> ShardSums:
     """A shard's column contribution for the proxies ``order`` (row i = proxy i; NaN for a proxy that did not
     score it, in active estimation), summed in example order, with the base model's sum and the own proxy's
-    and base's input-output information sums."""
+    and base's input-output information sums (``aligned_information``)."""
     ll = rec["loglik"]
     loglik = np.array([float(np.sum(ll[h])) if h in ll else np.nan for h in order])
     pairs = _jsd_pairs(rec, order) if jsd else None
-    own = order[shard.task]
-    info = base_info = info_sq = 0.0
-    info_count = 0
-    if ROT + own in ll:  # a shard of one example has no rotation
-        own_info, base_info_k = ll[own] - ll[ROT + own], ll[BASE] - ll[ROT + BASE]
-        info, base_info = float(np.sum(own_info)), float(np.sum(base_info_k))
-        info_sq = float(np.sum((own_info - base_info_k) ** 2))
-        info_count = len(shard.example_ids)
-    return ShardSums(shard.task, loglik, len(shard.example_ids), pairs, int(np.sum(rec["n_tokens"])) if jsd else 0,
-                     base=float(np.sum(ll[BASE])), information=info, base_information=base_info,
-                     information_count=info_count, information_sq=info_sq)
+    own, m = order[shard.task], len(shard.example_ids)
+    info = {}
+    own_info, base_info = aligned_information(ll, own, m, prompts), aligned_information(ll, BASE, m, prompts)
+    if own_info is not None and base_info is not None:  # a shard of one example has no other prompt
+        info = {"information": float(np.sum(own_info)), "base_information": float(np.sum(base_info)),
+                "information_count": m, "information_sq": float(np.sum(own_info**2)),
+                "information_bound": m * float(np.log(_prompts_scored(ll, own, m, prompts))),
+                "information_tokens": int(np.sum(rec["n_tokens"]))}
+    return ShardSums(shard.task, loglik, m, pairs, int(np.sum(rec["n_tokens"])) if jsd else 0,
+                     base=float(np.sum(ll[BASE])), **info)
 
 
-def _per_example(shards: list[Shard], used: list[int], records: dict, order: list[str]) -> dict[str, np.ndarray]:
+def _prompts_scored(ll: dict, key: str, m: int, prompts: int) -> int:
+    """K of ``aligned_information``: the own prompt and the rotations of ``key`` present."""
+    return 1 + sum(rot_key(r, key) in ll for r in range(1, min(prompts, m)))
+
+
+def _per_example(shards: list[Shard], used: list[int], records: dict, order: list[str],
+                 prompts: int) -> dict[str, np.ndarray]:
     """Every scored probe example in shard order: ``task`` (M,) its column, ``loglik`` (n, M) every proxy's
-    log-likelihood (NaN where that proxy did not score the shard), ``base`` (M,), and ``own_rotated`` /
-    ``base_rotated`` (M,) on the rotated pairs (NaN where a one-example shard has none)."""
-    task, loglik, base, own_rot, base_rot = [], [], [], [], []
+    log-likelihood (NaN where that proxy did not score the shard), ``base`` (M,), the bounded information
+    ``own_information`` / ``base_information`` (M,) under its task's proxy and the base (NaN where a one-example
+    shard has none), its bound ``information_bound`` (M,, log K) and ``n_tokens`` (M,) response tokens."""
+    task, loglik, base, own_info, base_info, bound, tokens = [], [], [], [], [], [], []
     for i in used:
         s, ll = shards[i], records[i]["loglik"]
-        m = len(s.example_ids)
+        m, own = len(s.example_ids), order[s.task]
         task.append(np.full(m, s.task))
         loglik.append(np.stack([ll[h] if h in ll else np.full(m, np.nan) for h in order]))
         base.append(ll[BASE])
-        rotated = ROT + order[s.task] in ll
-        own_rot.append(ll[ROT + order[s.task]] if rotated else np.full(m, np.nan))
-        base_rot.append(ll[ROT + BASE] if rotated else np.full(m, np.nan))
+        x, b = aligned_information(ll, own, m, prompts), aligned_information(ll, BASE, m, prompts)
+        own_info.append(x if x is not None else np.full(m, np.nan))
+        base_info.append(b if b is not None else np.full(m, np.nan))
+        bound.append(np.full(m, np.log(_prompts_scored(ll, own, m, prompts))))
+        tokens.append(np.asarray(records[i]["n_tokens"], dtype=np.float64))
     return {"task": np.concatenate(task), "loglik": np.concatenate(loglik, axis=1), "base": np.concatenate(base),
-            "own_rotated": np.concatenate(own_rot), "base_rotated": np.concatenate(base_rot)}
+            "own_information": np.concatenate(own_info), "base_information": np.concatenate(base_info),
+            "information_bound": np.concatenate(bound), "n_tokens": np.concatenate(tokens)}
 
 
 # The affinity "has signal" when its SNR is at least this (a proxy "learned": mixture.signal.MIN_GAIN).
@@ -771,23 +809,21 @@ def signal_checks(names: list[str], examples: dict[str, np.ndarray], *, n_boot: 
     col = [np.flatnonzero(examples["task"] == j) for j in range(n)]
     own = [examples["loglik"][j, c] for j, c in enumerate(col)]
     base = [examples["base"][c] for c in col]
-    rot = [c[np.isfinite(examples["own_rotated"][c])] for c in col]
+    rot = [c[np.isfinite(examples["own_information"][c])] for c in col]
     gains = proxy_gains(own, base, n_boot=n_boot, seed=seed)
-    info = input_information([examples["loglik"][j, r] for j, r in enumerate(rot)],
-                             [examples["own_rotated"][r] for r in rot], [examples["base"][r] for r in rot],
-                             [examples["base_rotated"][r] for r in rot], n_boot=n_boot, seed=seed)
+    info = input_information(*([examples[k][r] for r in rot] for k in ("own_information", "base_information",
+                                                                       "information_bound", "n_tokens")),
+                             n_boot=n_boot, seed=seed)
     # The affinity's signal-to-noise needs every proxy on every example (not so after active estimation).
     complete = bool(np.all(np.isfinite(examples["loglik"])))
     snr = affinity_snr([examples["loglik"][:, c] for c in col], n_boot=n_boot, seed=seed) \
         if n >= 2 and complete else None
-    # The same per-task sums the energy sees, so that `output_only` here is what the solver applies.
-    own_info = [examples["loglik"][j, r] - examples["own_rotated"][r] for j, r in enumerate(rot)]
-    base_info = [examples["base"][r] - examples["base_rotated"][r] for r in rot]
-    sums = {"base_loglik_sum": np.array([b.sum() for b in base]),
-            "information_sum": np.array([x.sum() for x in own_info]),
-            "base_information_sum": np.array([x.sum() for x in base_info]),
-            "information_count": np.array([len(r) for r in rot]),
-            "information_gain_sq_sum": np.array([np.sum((x - y) ** 2) for x, y in zip(own_info, base_info)])}
+    # The same per-task sums the energy sees, so that `output_only` here is what the solver would apply.
+    x = [examples["own_information"][r] for r in rot]
+    sums = {"base_loglik_sum": np.array([b.sum() for b in base]), "information_sum": np.array([v.sum() for v in x]),
+            "information_sq_sum": np.array([np.sum(v**2) for v in x]),
+            "information_bound_sum": np.array([examples["information_bound"][r].sum() for r in rot]),
+            "information_count": np.array([len(r) for r in rot])}
     flagged = output_only(sums, np.array([o.sum() for o in own]), np.array([len(c) for c in col]))
     tasks, warnings = {}, []
     for j, name in enumerate(names):
@@ -795,8 +831,10 @@ def signal_checks(names: list[str], examples: dict[str, np.ndarray], *, n_boot: 
         learned = bool(np.isfinite(g.low) and g.low > 0 and g.gain >= MIN_GAIN)
         tasks[name] = {"base_nll": g.base_nll, "proxy_nll": g.proxy_nll, "gain": g.gain, "gain_low": g.low,
                        "gain_high": g.high, "learned": learned, "examples": g.examples,
-                       "information": inf.proxy, "base_information": inf.base, "information_gain": inf.gain,
-                       "information_gain_low": inf.low, "information_gain_high": inf.high,
+                       "information": inf.proxy, "information_low": inf.low, "information_high": inf.high,
+                       "information_bound": inf.bound, "information_fraction": inf.proxy / inf.bound
+                       if inf.bound > 0 else float("nan"), "information_per_token": inf.per_token,
+                       "base_information": inf.base, "information_gain": inf.gain,
                        "output_only": bool(flagged is not None and flagged[j])}
         if snr is not None:
             # Under log-likelihood, a proxy that learned no input-output mapping (noise) hedges over every
@@ -811,13 +849,9 @@ def signal_checks(names: list[str], examples: dict[str, np.ndarray], *, n_boot: 
                             f"probes.steps or probes.lr, or check the task's data")
         elif tasks[name]["output_only"]:
             warnings.append(f"task {name!r}: its proxy learned the answers (NLL {-g.gain:+.0%}) but not their "
-                            f"dependence on the prompt (information gain {inf.gain:+.2f} nats/example): its "
-                            f"targets are noise, or a skill beyond the proxy; the energy's prior gives it no "
-                            f"share for its size")
-        elif np.isfinite(inf.high) and inf.high <= 0:
-            warnings.append(f"task {name!r}: its proxy's answers depend on the input no more than the base's "
-                            f"(information gain {inf.gain:+.2f} nats/example, 90% interval {inf.low:+.2f} to "
-                            f"{inf.high:+.2f}): its targets look like noise, or the proxy learned only their format")
+                            f"dependence on the prompt (information {inf.proxy:+.2f} of at most {inf.bound:.2f} "
+                            f"nats/example): its targets are noise, or a skill beyond the proxy (a proxy's "
+                            f"failure is no evidence about the target); it keeps its prior share")
     out = {"tasks": tasks, "thresholds": {"min_gain": MIN_GAIN, "min_snr": MIN_SNR}, "resamples": n_boot,
            "interval": 0.90}
     if snr is not None:
@@ -1016,10 +1050,9 @@ def _log_wandb(cfg: Config, progress: dict, result: dict, signal: dict) -> None:
             columns=["proxy", "task", "measured"],
             data=[[names[i], names[j], v] for i, row in enumerate(progress["measured"]) for j, v in enumerate(row)])})
         run.log({"estimate/affinity": wandb.Image(result["paths"]["heatmap"])})
-        rows = [[k, v["gain"], v["gain_low"], v["gain_high"], v["learned"], v["information_gain"], v["output_only"]]
-                for k, v in signal["tasks"].items()]
-        run.log({"estimate/signal": wandb.Table(columns=["task", "gain", "gain_low", "gain_high", "learned",
-                                                         "information_gain", "output_only"], data=rows)})
+        columns = ["gain", "gain_low", "gain_high", "learned", "information", "information_bound", "output_only"]
+        rows = [[k, *(v[c] for c in columns)] for k, v in signal["tasks"].items()]
+        run.log({"estimate/signal": wandb.Table(columns=["task", *columns], data=rows)})
         certainty = progress["certainty"] or {}
         run.summary.update({"fraction_used": progress["fraction_used"], "energy": result["energy"],
                             "active": progress["active"], "fraction_pairs": progress["fraction_pairs"],

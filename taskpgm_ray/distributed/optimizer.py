@@ -30,15 +30,18 @@ class ShardSums:
     jsd_sum: np.ndarray | None = None  # (n, n) summed per-token JSD between proxies
     tokens: int = 0  # response tokens in the shard
     base: float = 0.0  # the base model's summed response log-likelihood on the shard
-    information: float = 0.0  # own proxy: sum over examples of log p(y_k | x_k) - log p(y_k | x_{k+1})
+    information: float = 0.0  # own proxy: sum over examples of the bounded information (mixture.signal.info_nce)
     base_information: float = 0.0  # the same under the base model
-    information_count: int = 0  # examples in those two sums (0 for a one-example shard: no rotation)
-    information_sq: float = 0.0  # sum over those examples of the squared per-example gain (proxy minus base)
+    information_count: int = 0  # examples in those sums (0 for a one-example shard: no other prompt)
+    information_sq: float = 0.0  # sum over those examples of the own proxy's squared information
+    information_bound: float = 0.0  # sum over those examples of log K (K prompts each answer was scored under)
+    information_tokens: int = 0  # response tokens of those examples
 
-    def signal_row(self) -> tuple[float, float, float, int, float]:
+    def signal_row(self) -> tuple[float, float, float, int, float, float, int]:
         """This shard's contribution to the per-task signal sums, in ``SIGNAL_ARRAYS`` order (likelihoods.npz's
         names)."""
-        return self.base, self.information, self.base_information, self.information_count, self.information_sq
+        return (self.base, self.information, self.base_information, self.information_count, self.information_sq,
+                self.information_bound, self.information_tokens)
 
 
 class MixtureOptimizer:
@@ -69,7 +72,7 @@ class MixtureOptimizer:
         self._count = np.zeros(n)
         self._jsd_sum = np.zeros((n, n))
         self._tokens = 0
-        self._info = np.zeros((5, n))  # the signal sums (SIGNAL_ARRAYS) per task
+        self._info = np.zeros((len(SIGNAL_ARRAYS), n))  # the signal sums (SIGNAL_ARRAYS) per task
         self._weights: np.ndarray | None = None  # the latest mixture (None until every column has data)
         self._streak = 0  # consecutive updates whose L1 change was below tol
         self._trajectory: list[dict] = []  # one entry per solved update
@@ -125,7 +128,7 @@ class MixtureOptimizer:
         samples = []
         for _ in range(n_boot):
             ll, cnt, jsd, tok = np.zeros((self._n, self._n)), np.zeros(self._n), np.zeros((self._n, self._n)), 0
-            info = np.zeros((5, self._n))
+            info = np.zeros((len(SIGNAL_ARRAYS), self._n))
             for j, group in enumerate(by_task):
                 for k in rng.integers(0, len(group), len(group)):
                     s = group[k]
@@ -143,7 +146,7 @@ class MixtureOptimizer:
                 "low": np.percentile(W, q, axis=0).tolist(), "high": np.percentile(W, 100 - q, axis=0).tolist()}
 
     def _ready(self) -> bool:
-        """Whether the energy's inputs exist yet (the information unary needs a rotated pair per task)."""
+        """Whether the energy's inputs exist yet (the information unary needs other-prompt scores per task)."""
         return self._energy.unary != "information" or bool(np.all(self._info[SIGNAL_ARRAYS.index("information_count")]
                                                                  > 0))
 

@@ -97,8 +97,8 @@ def solve_from_sums(loglik_sum: np.ndarray, count: np.ndarray, jsd_sum: np.ndarr
         energy_cfg: every ``energy`` setting.
         utilities: per-task utilities, needed when ``energy_cfg.unary == "utility"``.
         signal: the estimate stage's per-task signal sums (``mixture_file.SIGNAL_ARRAYS``): the information
-            unary (``mixture.signal.information_gain``, needed when ``energy_cfg.unary == "information"``) and
-            the tasks the prior skips (``mixture.signal.output_only``) come from them.
+            unary (``mixture.signal.information_unary``, needed when ``energy_cfg.unary == "information"``) and,
+            with ``energy_cfg.prior_skip_output_only``, the tasks the prior skips (``mixture.signal.output_only``).
         max_weights: (n,) per-task upper bounds (``weight_caps``), combined with ``energy_cfg.max_weight``.
         sizes: (n,) training examples per task, needed by the size and temperature priors.
 
@@ -106,15 +106,13 @@ def solve_from_sums(loglik_sum: np.ndarray, count: np.ndarray, jsd_sum: np.ndarr
         ``(weights (n,), MixtureSolution, K)`` where K is the (n, n) energy matrix before the prior term.
         With a budget k < n the other weights are 0 (``solution.extra["selected"]`` lists the chosen tasks).
     """
-    from taskpgm_ray.mixture.signal import information_gain, output_only
+    from taskpgm_ray.mixture.signal import information_unary, output_only
     from taskpgm_ray.mixture.taskpgm import taskpgm_mixture
 
     e = energy_cfg
     information = skip = None
-    if signal is not None and all(signal.get(k) is not None for k in ("information_sum", "base_information_sum",
-                                                                      "information_count")):
-        information = information_gain(signal["information_sum"], signal["base_information_sum"],
-                                       signal["information_count"], signal.get("information_gain_sq_sum"))
+    if signal is not None:
+        information = information_unary(signal)
     if signal is not None and e.prior_skip_output_only:
         skip = output_only(signal, np.diag(np.asarray(loglik_sum, dtype=np.float64)), count)
     jsd_mean = None

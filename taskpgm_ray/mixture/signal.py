@@ -4,15 +4,20 @@ Pure numpy, from per-example response log-likelihoods on the probe sets (the est
 
 - ``proxy_gains``: each proxy's gain over the base model on its own probe set, as the relative drop of
   the mean response NLL, ``1 - NLL_proxy / NLL_base``, with a paired bootstrap interval over examples.
-- ``input_information``: how much a model's answer depends on the question. For task j, pair every
-  probe prompt with another example's response (a fixed rotation); then
-  ``I = mean log p(y_k | x_k) - mean log p(y_k | x_{k+1})`` estimates the mutual information between
-  input and output under the model (nats per example). A task whose targets do not depend on the input
-  (noise) has ``I ~ 0`` under any model; fine-tuning on a real skill raises it. ``gain`` is the proxy's
-  I minus the base model's: how much input-dependence fine-tuning on the task added.
-- ``output_only``: tasks whose proxy learned the answers (own gain at least ``MIN_GAIN``) but added no
-  input-output information (its lower bound is 0 and its estimate under ``MIN_GAIN`` of the base NLL): data
-  whose targets ignore the prompt. The energy's prior gives them only the floor (``taskpgm_mixture(prior_skip=...)``).
+- ``info_nce`` / ``input_information``: how much a model's answer depends on the question, as a bounded estimate
+  of the input-output mutual information. For probe example k of task j, score its answer under its own prompt
+  and under K - 1 other prompts of the same task; then
+  ``I_k = log q(y_k | x_k) - log mean_{r<K} q(y_k | x_{k-r})`` (r = 0 is its own prompt). Its expectation is a
+  lower bound on I(X; Y) for any model q (InfoNCE, van den Oord et al. 2018; Poole et al. 2019) and it never
+  exceeds ``log K``, whatever the answer's length: a long answer cannot outweigh a short one. Noise (targets
+  that ignore the input) has ``I ~ 0`` under any model; a skill the model has learned approaches ``log K``.
+  ``information_unary`` is the task's mean ``I`` as a fraction of ``log K`` (in [0, 1]): the energy's
+  ``information`` unary.
+- ``output_only``: a diagnostic, never a rule by default: tasks whose proxy learned the answers (own gain at
+  least ``MIN_GAIN``) but shows no input-output information (its lower bound is 0 and its estimate under
+  ``MIN_GAIN`` of ``log K``). Noise looks like this, and so does a real skill beyond the proxy: a weak proxy's
+  failure is not evidence about the target, so the energy only acts on it when told to
+  (``energy.prior_skip_output_only``).
 - ``affinity_snr``: the PMI affinity's spread across task pairs over its sampling noise (bootstrap over
   each task's probe examples), and how often each task's nearest neighbour survives a resample.
 
@@ -30,7 +35,7 @@ import numpy as np
 from taskpgm_ray.mixture.affinity import pmi_affinity
 
 # A proxy "learned" when its relative NLL gain over the base on its own probe set is at least this (the
-# signal checks also ask its bootstrap interval to exclude 0); information under this share of the base NLL
+# signal checks also ask its bootstrap interval to exclude 0); information under this share of its bound log K
 # is negligible.
 MIN_GAIN = 0.05
 
@@ -49,13 +54,15 @@ class ProxyGain:
 
 @dataclass
 class InputInformation:
-    """Input-output dependence on one task's probe set (nats per example)."""
+    """Input-output information on one task's probe set (nats per example, ``info_nce``)."""
 
     proxy: float  # I under the task's proxy
     base: float  # I under the base model
-    gain: float  # proxy - base
-    low: float  # bootstrap interval on gain
+    gain: float  # proxy - base: what fine-tuning on the task added
+    low: float  # bootstrap interval on the proxy's I
     high: float
+    bound: float  # the mean of log K over the examples: I can never exceed it
+    per_token: float  # the proxy's I per response token
     examples: int
 
 
@@ -72,60 +79,78 @@ class AffinitySignal:
     extra: dict = field(default_factory=dict)
 
 
-def information_gain(information_sum: np.ndarray, base_information_sum: np.ndarray, information_count: np.ndarray,
-                     gain_sq_sum: np.ndarray | None = None, z: float = 1.645) -> np.ndarray | None:
-    """Per task, the input-output information the proxy added over the base (nats per example).
+def info_nce(scores: np.ndarray) -> np.ndarray:
+    """Per-example bounded input-output information, ``I_k = s[0, k] - log mean_r exp(s[r, k])``.
 
-    With ``gain_sq_sum`` (the sum of each example's squared gain) the result is the lower one-sided 95%
-    confidence bound, floored at 0: ``max(0, mean - z * se)``, so a task whose gain cannot be told from 0
-    (noise, or a proxy that learned only the answers' format) gets no credit for sampling luck.
-    Returns None until every task has a rotated pair.
+    Args:
+        scores: (K, m), ``scores[0, k] = log q(y_k | x_k)`` and ``scores[r, k] = log q(y_k | x')`` for K - 1
+            other prompts x' of the same task (K >= 1).
+
+    Returns:
+        (m,) values, each at most ``log K`` (equality when the answer is far likelier under its own prompt).
     """
-    cnt = np.asarray(information_count, dtype=np.float64)
-    if np.any(cnt <= 0):
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 2 or s.shape[0] < 1:
+        raise ValueError(f"scores must have shape (K >= 1, m), got {s.shape}")
+    top = s.max(axis=0)
+    return s[0] - (top + np.log(np.exp(s - top).sum(axis=0))) + np.log(s.shape[0])
+
+
+def information_unary(signal: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """Per task, the proxy's mean information as a fraction of its bound ``log K``, clipped to [0, 1].
+
+    From the sums ``likelihoods.npz`` stores (``information_sum``, ``information_bound_sum``,
+    ``information_count``); None until every task has examples scored under other prompts.
+    """
+    need = ("information_sum", "information_bound_sum", "information_count")
+    if any(signal.get(k) is None for k in need):
         return None
-    mean = (np.asarray(information_sum, dtype=np.float64) - np.asarray(base_information_sum)) / cnt
-    if gain_sq_sum is None:
-        return mean
-    var = np.maximum(np.asarray(gain_sq_sum, dtype=np.float64) / cnt - mean**2, 0.0) * cnt / np.maximum(cnt - 1, 1)
-    se = np.where(cnt > 1, np.sqrt(var / cnt), np.inf)
-    return np.maximum(0.0, mean - z * se)
+    bound = np.asarray(signal["information_bound_sum"], dtype=np.float64)
+    if np.any(np.asarray(signal["information_count"]) <= 0) or np.any(bound <= 0):
+        return None
+    return np.clip(np.asarray(signal["information_sum"], dtype=np.float64) / bound, 0.0, 1.0)
+
+
+def _lower_bound(total: np.ndarray, sq: np.ndarray, cnt: np.ndarray, z: float = 1.645) -> np.ndarray:
+    """One-sided 95% lower confidence bound on a mean from its sum and sum of squares."""
+    mean = total / cnt
+    var = np.maximum(sq / cnt - mean**2, 0.0) * cnt / np.maximum(cnt - 1, 1)
+    return mean - z * np.where(cnt > 1, np.sqrt(var / cnt), np.inf)
 
 
 def output_only(signal: Mapping[str, np.ndarray], own_loglik_sum: np.ndarray, count: np.ndarray, *,
                 min_gain: float = MIN_GAIN) -> np.ndarray | None:
-    """Per task, whether its proxy learned the answers but not their dependence on the prompt.
+    """Per task, whether its proxy learned the answers but shows no dependence of them on the prompt.
 
     True where the own proxy's relative gain over the base, ``1 - NLL_proxy / NLL_base``, is at least
-    ``min_gain``, the information gain's lower bound (``information_gain``) is 0, and its estimate is under
-    ``min_gain`` of the base NLL: negligible, not merely uncertain (a small probe set of a real skill has a wide
-    interval but a clearly positive estimate). A proxy that learned nothing is not flagged: no evidence is not
-    evidence of noise.
+    ``min_gain``, the information's lower confidence bound is at most 0, and its estimate is under ``min_gain``
+    of its bound ``log K``. A proxy that learned nothing is not flagged. A diagnostic: noise looks like this, and
+    so does a skill beyond the proxy (a proxy's failure says nothing about the target).
 
     Args:
-        signal: per-task sums as ``likelihoods.npz`` stores them: ``base_loglik_sum``, ``information_sum``,
-            ``base_information_sum``, ``information_count`` and optionally ``information_gain_sq_sum``.
+        signal: per-task sums as ``likelihoods.npz`` stores them (``SIGNAL_ARRAYS``).
         own_loglik_sum: (n,) each task's own proxy's summed log-likelihood on its probe set (the diagonal).
         count: (n,) the probe examples in those sums.
 
     Returns:
-        (n,) bool, or None when a sum is missing or some task has no rotated pair yet.
+        (n,) bool, or None when a sum is missing or some task has no other-prompt scores yet.
     """
-    need = ("base_loglik_sum", "information_sum", "base_information_sum", "information_count")
+    need = ("base_loglik_sum", "information_sum", "information_sq_sum", "information_bound_sum",
+            "information_count")
     if any(signal.get(k) is None for k in need):
         return None
-    low = information_gain(signal["information_sum"], signal["base_information_sum"], signal["information_count"],
-                           signal.get("information_gain_sq_sum"))
-    if low is None:
+    cnt = np.asarray(signal["information_count"], dtype=np.float64)
+    if np.any(cnt <= 0):
         return None
+    total = np.asarray(signal["information_sum"], dtype=np.float64)
+    low = _lower_bound(total, np.asarray(signal["information_sq_sum"], dtype=np.float64), cnt)
+    fraction = total / np.maximum(np.asarray(signal["information_bound_sum"], dtype=np.float64), 1e-12)
     count = np.maximum(np.asarray(count, dtype=np.float64), 1.0)
     base_nll = -np.asarray(signal["base_loglik_sum"], dtype=np.float64) / count
     proxy_nll = -np.asarray(own_loglik_sum, dtype=np.float64) / count
     with np.errstate(divide="ignore", invalid="ignore"):
         gain = np.where(base_nll > 0, 1.0 - proxy_nll / base_nll, 0.0)
-    mean = (np.asarray(signal["information_sum"], dtype=np.float64) - np.asarray(signal["base_information_sum"])) \
-        / np.asarray(signal["information_count"], dtype=np.float64)
-    return (gain >= min_gain) & (low <= 0) & (mean < min_gain * base_nll)
+    return (gain >= min_gain) & (low <= 0) & (fraction < min_gain)
 
 
 def _check_pairs(a: Sequence[np.ndarray], b: Sequence[np.ndarray], names: tuple[str, str]) -> None:
@@ -171,29 +196,28 @@ def proxy_gains(own: Sequence[np.ndarray], base: Sequence[np.ndarray], *, n_boot
     return out
 
 
-def input_information(own: Sequence[np.ndarray], own_rotated: Sequence[np.ndarray], base: Sequence[np.ndarray],
-                      base_rotated: Sequence[np.ndarray], *, n_boot: int = 200, level: float = 0.90,
+def input_information(own: Sequence[np.ndarray], base: Sequence[np.ndarray], bound: Sequence[np.ndarray],
+                      tokens: Sequence[np.ndarray], *, n_boot: int = 200, level: float = 0.90,
                       seed: int = 0) -> list[InputInformation]:
-    """Input-output information under each task's proxy and under the base, and the proxy's gain.
+    """Input-output information under each task's proxy and under the base, with a bootstrap interval.
 
-    ``own[j][k]`` is proxy j's log p(y_k | x_k) on task j's probe example k, ``own_rotated[j][k]`` its
-    log p(y_k | x_k') for another example's prompt k' (the same pairing for the base). A task with fewer
-    than two probe examples has no rotation: its entry is NaN with ``examples = 0``.
+    ``own[j][k]`` is ``info_nce`` of task j's probe example k under proxy j, ``base[j][k]`` under the base,
+    ``bound[j][k]`` its ``log K`` and ``tokens[j][k]`` its response tokens. A task with fewer than two such
+    examples gets NaN with ``examples = 0``.
     """
-    for a, b, names in ((own, own_rotated, ("own", "own_rotated")), (own, base, ("own", "base")),
-                        (base, base_rotated, ("base", "base_rotated"))):
+    for a, b, names in ((own, base, ("own", "base")), (own, bound, ("own", "bound")), (own, tokens, ("own", "tokens"))):
         _check_pairs(a, b, names)
     rng = np.random.default_rng(seed)
     out = []
-    for x, xr, b, br in zip(own, own_rotated, base, base_rotated):
-        dx = np.asarray(x, np.float64) - np.asarray(xr, np.float64)  # per-example information, proxy
-        db = np.asarray(b, np.float64) - np.asarray(br, np.float64)  # and base
-        if len(dx) < 2:
-            out.append(InputInformation(*(float("nan"),) * 5, 0))
+    for x, b, k, t in zip(own, base, bound, tokens):
+        x, b = np.asarray(x, np.float64), np.asarray(b, np.float64)
+        if len(x) < 2:
+            out.append(InputInformation(*(float("nan"),) * 7, 0))
             continue
-        idx = rng.integers(0, len(dx), size=(n_boot, len(dx)))
-        low, high = _interval((dx - db)[idx].mean(1), level)
-        out.append(InputInformation(float(dx.mean()), float(db.mean()), float((dx - db).mean()), low, high, len(dx)))
+        idx = rng.integers(0, len(x), size=(n_boot, len(x)))
+        low, high = _interval(x[idx].mean(1), level)
+        out.append(InputInformation(float(x.mean()), float(b.mean()), float((x - b).mean()), low, high,
+                                    float(np.mean(k)), float(x.sum() / max(1.0, float(np.sum(t)))), len(x)))
     return out
 
 

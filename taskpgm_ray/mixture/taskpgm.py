@@ -5,7 +5,7 @@ Start here. Every step is one of the named pieces of ``taskpgm_ray.mixture``; th
     L[i, j]   = loglik_sum[i, j] / count[j]            mean response log-likelihood, proxy i on task j's probes
     A         = pmi_affinity(L)                         (or the JSD similarity)       <= 0, symmetric
     K         = energy_matrix(A, kernel)                symmetric PSD: psd shift | eigenvalue clip | exp
-    u         = row sums of K (representativeness)  |  information gain  |  user utilities
+    u         = row sums of K (representativeness)  |  information (fraction of log K)  |  user utilities
     normalize:  K <- K / mean(diag K),  u <- u / max|u|
     prior:      + (mu / 2) sum_i (p_i - q_i)^2 / q_i,   q = uniform | size | temperature(T) mixture
     bounds:     lo_i = max(min_weight, floor / n), hi_i = max_weight (e.g. repetition caps)
@@ -16,9 +16,9 @@ problem stays the QP that ``minimize_energy`` solves, with the matrix ``lam K + 
 passed to the solver). Its role: a small dataset saturates sooner than a large one, which the affinity does
 not know; with q a temperature mixture, large mu gives temperature sampling and the energy moves mass
 away from it where the proxies' evidence says so (noise, redundancy, information). ``prior_skip`` names tasks
-whose baseline weight is only their lower bound (the floor): the pipeline passes the tasks whose proxy learned
-the answers but not their dependence on the prompt (``signal.output_only``), whose data would otherwise keep a
-share for its size although nothing in it is worth learning (measured: README, "The energy, measured").
+whose baseline weight is only their lower bound (the floor): with ``energy.prior_skip_output_only`` (off by
+default) the pipeline passes the tasks whose proxy learned the answers but not their dependence on the prompt
+(``signal.output_only``); noise looks like that, but so does a skill beyond a small proxy.
 
 The paper's energy (TaskPGM, arXiv 2507.12612) is ``kernel="psd", unary="representativeness",
 normalize=False, prior="none", floor=0``. The defaults differ because of what was measured on the synthetic
@@ -78,8 +78,8 @@ def taskpgm_mixture(
         beta, lam: weights of the unary and pairwise terms (after normalisation: comparable for any n).
         affinity: "pmi" (from L) or "jsd" (``jsd_mean``: (n, n) mean per-token JSD in nats).
         kernel, tau, eps: ``energy_matrix`` options.
-        unary: "representativeness" (row sums of K), "information" (``information``: (n,) each proxy's
-            input-output information gain over the base, nats/example) or "utility" (``utilities``).
+        unary: "representativeness" (row sums of K), "information" (``information``: (n,) each proxy's bounded
+            input-output information as a fraction of its bound, ``signal.information_unary``) or "utility".
         normalize: scale K to mean diagonal 1 and u to max |u| = 1.
         prior, prior_temperature, prior_strength: the baseline mixture q the energy leans towards, and mu.
         sizes: (n,) training examples per task (needed by the size and temperature priors).
@@ -117,8 +117,8 @@ def taskpgm_mixture(
         u = K.sum(1)
     elif unary == "information":
         if information is None:
-            raise ValueError("unary 'information' needs each task's information gain (the base and rotated-pair "
-                             "scores of the estimate stage)")
+            raise ValueError("unary 'information' needs each task's information (the scores under other prompts "
+                             "of the estimate stage)")
         u = np.asarray(information, dtype=np.float64)
     elif unary == "utility":
         missing = [i for i, x in enumerate(utilities if utilities is not None else [None] * n) if x is None]
