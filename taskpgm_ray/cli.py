@@ -162,24 +162,52 @@ def tasks_list(config: str | None, test_mode: bool, output_dir: str | None) -> N
 
 
 @tasks.command("synth")
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Directory to write.")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), metavar="DIR",
+              help="Directory to write: new, empty, or a suite this command wrote earlier (replaced whole).")
 @click.option("--spec", "spec_path", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Suite spec (skills, templates, sizes, roles); default: the shipped one.")
+@click.option("--random-world", "world", default=None, type=int, metavar="SEED",
+              help="Write the generated world random_world(SEED) instead of a spec file; its spec is saved as "
+                   "DIR/spec.yaml (print it with `taskpgm tasks world SEED`).")
 @click.option("--seed", default=None, type=int, help="Suite seed (default: the spec's, else 7).")
 @click.option("--scale", default=1.0, show_default=True, type=float, help="Multiply every task size.")
-def tasks_synth(out: str, spec_path: str | None, seed: int | None, scale: float) -> None:
-    """Write the synthetic benchmark suite as HF DatasetDicts (train / validation / test)."""
-    from taskpgm_ray.tasks.synthetic import load_spec, write_suite
+def tasks_synth(out: str, spec_path: str | None, world: int | None, seed: int | None, scale: float) -> None:
+    """Write the synthetic benchmark suite as HF DatasetDicts (train / validation / test).
 
-    if scale <= 0:
+    DIR must be new, empty, or a suite this command wrote earlier (its suite.json manifest and nothing
+    else of yours). Such a suite is replaced as a whole: the new one is built in a hidden
+    .DIR.incomplete-* folder beside DIR, removed on any failure or Ctrl-C, and swapped in only when
+    complete. Any other DIR is refused and left untouched.
+    """
+    from taskpgm_ray.tasks.synthetic import load_spec, spec_from_dict, write_suite
+
+    if not 0 < scale < float("inf"):
         raise click.BadParameter(f"must be > 0, got {scale}", param_hint="--scale")
-    spec = load_spec(spec_path)
+    files = {}
+    if world is not None:
+        from taskpgm_ray.tasks.worlds import random_world, world_yaml
+
+        if spec_path is not None:
+            raise click.UsageError("give --spec or --random-world, not both")
+        spec = spec_from_dict(random_world(world), source=f"random_world({world})")
+        files["spec.yaml"] = world_yaml(world)
+    else:
+        spec = load_spec(spec_path)
     seed = seed if seed is not None else (spec.seed if spec.seed is not None else 7)
-    manifest = write_suite(out, seed, scale=scale, spec=spec)
+    manifest = write_suite(out, seed, scale=scale, spec=spec, files=files)
     for t in manifest["tasks"]:
         click.echo(f"{t['name']:<10} {t['skill']:<8} {t['role']:<15} score={str(t['score']).lower():<5} "
                    f"train={t['sizes']['train']:<5} validation={t['sizes']['validation']} test={t['sizes']['test']}")
     click.echo(f"wrote {len(manifest['tasks'])} tasks to {out} (manifest: {Path(out) / 'suite.json'})")
+
+
+@tasks.command("world")
+@click.argument("seed", type=int)
+def tasks_world(seed: int) -> None:
+    """Print the generated world random_world(SEED) as a suite spec (YAML), e.g. to edit and pass to --spec."""
+    from taskpgm_ray.tasks.worlds import world_yaml
+
+    click.echo(world_yaml(seed), nl=False)
 
 
 # --------------------------------------------------------------------------------------------------

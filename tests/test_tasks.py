@@ -215,3 +215,150 @@ def test_missing_spec_is_a_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match=r"synthetic.spec: file not found: .*nope.yaml"):
         config_from_dict({"synthetic": {"spec": "nope.yaml"}}, source=str(tmp_path / "c.yaml"))
+
+
+# --- `taskpgm tasks synth` never damages anything (issue 23 item 5) ------------------------------------
+
+
+def _synth(tmp_path, out, *extra):
+    from taskpgm_ray.cli import main
+
+    spec = tmp_path / "spec.yaml"
+    if not spec.exists():
+        spec.write_text(SPEC)
+    return main(["tasks", "synth", "--out", str(out), "--spec", str(spec), *extra])
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("taskpgm: error: ") and err.count("\n") == 1, err
+    return err[len("taskpgm: error: "):-1]
+
+
+def _hidden(parent) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def test_synth_refuses_a_folder_it_did_not_write(tmp_path, capsys):
+    out = tmp_path / "mine"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("keep me")
+    (out / "sub" / "data.bin").write_bytes(b"\0\1")
+    assert _synth(tmp_path, out) == 2
+    assert _one_error_line(capsys) == (
+        f"{out}: exists, is not empty and is not a suite written by `taskpgm tasks synth` (no suite.json "
+        f"manifest); refusing to replace it: give a new or empty directory")
+    assert (out / "notes.txt").read_text() == "keep me" and (out / "sub" / "data.bin").read_bytes() == b"\0\1"
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "sub"] and _hidden(tmp_path) == []
+
+
+def test_synth_replaces_its_own_suite_whole_but_nothing_else(tmp_path, capsys):
+    out = tmp_path / "suite"
+    assert _synth(tmp_path, out, "--seed", "1") == 0
+    first = datasets.load_from_disk(str(out / "s1"))["train"]["prompt"]
+    assert _synth(tmp_path, out, "--seed", "2") == 0  # our own earlier suite: replaced
+    assert json.loads((out / "suite.json").read_text())["seed"] == 2
+    assert datasets.load_from_disk(str(out / "s1"))["train"]["prompt"] != first
+    assert _hidden(tmp_path) == []  # no .incomplete-* or .replaced-* left behind
+    (out / "notes.txt").write_text("mine")  # a user's file inside: the suite is no longer ours alone
+    capsys.readouterr()
+    assert _synth(tmp_path, out, "--seed", "3") == 2
+    assert _one_error_line(capsys) == (f"{out}: holds notes.txt besides the suite written there earlier; refusing "
+                                       f"to replace it: move those away or give a new or empty directory")
+    assert (out / "notes.txt").read_text() == "mine" and json.loads((out / "suite.json").read_text())["seed"] == 2
+
+
+def test_synth_into_an_empty_folder_and_a_file_is_refused(tmp_path):
+    from taskpgm_ray.errors import BadInput
+
+    (tmp_path / "empty").mkdir()
+    assert _synth(tmp_path, tmp_path / "empty") == 0
+    assert (tmp_path / "empty" / "suite.json").exists()
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(BadInput, match=r"f: exists and is not a directory; give a new or empty directory"):
+        write_suite(tmp_path / "f", 1, spec=tmp_path / "spec.yaml")
+    assert (tmp_path / "f").read_text() == "x"
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, RuntimeError])
+def test_a_failed_synth_leaves_nothing_and_keeps_the_earlier_suite(tmp_path, monkeypatch, interrupt):
+    from taskpgm_ray.tasks import synthetic
+
+    out = tmp_path / "suite"
+    (tmp_path / "spec.yaml").write_text(SPEC)
+    write_suite(out, 1, spec=tmp_path / "spec.yaml")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    real, calls = synthetic._examples, []
+
+    def fail_on_third(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise interrupt("stop")
+        return real(*args)
+
+    monkeypatch.setattr(synthetic, "_examples", fail_on_third)
+    with pytest.raises(interrupt):
+        write_suite(out, 2, spec=tmp_path / "spec.yaml")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no .incomplete-* folder
+    assert json.loads((out / "suite.json").read_text())["seed"] == 1
+    calls.clear()
+    with pytest.raises(interrupt):  # a new folder: nothing at all appears
+        write_suite(tmp_path / "new", 2, spec=tmp_path / "spec.yaml")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("name", ["..", ".", "../x", ".hidden", "-rf", "a b"])
+def test_spec_task_names_are_safe_path_components(tmp_path, capsys, name):
+    (tmp_path / "spec.yaml").write_text(SPEC.replace("name: s1,", f"name: {json.dumps(name)},", 1))
+    with pytest.raises(SpecError) as info:
+        load_spec(tmp_path / "spec.yaml")
+    assert str(info.value).startswith(f"{tmp_path / 'spec.yaml'}: tasks[0].name: {name!r} is not a safe name")
+    (tmp_path / "work").mkdir()
+    assert _synth(tmp_path, tmp_path / "work" / "out") == 2
+    assert "tasks[0].name" in _one_error_line(capsys)
+    assert list((tmp_path / "work").iterdir()) == []  # nothing written beside --out, nor --out itself
+
+
+def test_spec_names_differing_only_in_case_are_duplicates(tmp_path):
+    (tmp_path / "spec.yaml").write_text(SPEC.replace("name: s2,", "name: S1,", 1))
+    with pytest.raises(SpecError, match=r"tasks\[1\].name: duplicate task name 'S1' \(same folder as 's1' on a "
+                                        r"case-insensitive file system\)"):
+        load_spec(tmp_path / "spec.yaml")
+
+
+@pytest.mark.parametrize("edits, message", [
+    ({"skill: swap,": "skill: add,", "size: 20": "size: 2490"},
+     "tasks[3]: task 'sw' wants 2506 distinct inputs (size 2490 + 2 x eval_size 8), but skill 'add' has at most "
+     "2500 with alphabet 'mnopqrst'; lower the size or eval_size"),
+    ({"alphabet: mnopqrst": "alphabet: mnop", "size: 40": "size: 5430"},
+     "tasks[0]: task 's1' wants 5446 distinct inputs (size 5430 + 2 x eval_size 8), but skill 'sort' has at most "
+     "5440 with alphabet 'mnop'; widen the alphabet or lower the size or eval_size"),
+])
+def test_spec_asking_more_distinct_inputs_than_exist_is_refused(tmp_path, edits, message):
+    text = SPEC
+    for old, new in edits.items():
+        text = text.replace(old, new, 1)
+    (tmp_path / "spec.yaml").write_text(text)
+    with pytest.raises(SpecError) as info:
+        load_spec(tmp_path / "spec.yaml")
+    assert str(info.value) == f"{tmp_path / 'spec.yaml'}: {message}"
+
+
+def test_scale_beyond_the_inputs_is_refused_before_writing(tmp_path):
+    (tmp_path / "spec.yaml").write_text(SPEC.replace("skill: swap,", "skill: add,", 1))
+    with pytest.raises(SpecError, match=r"spec.yaml: task 'sw' wants 3016 distinct inputs \(3000 training examples "
+                                        r"\(size x scale 150\) \+ 2 x eval_size 8\), but skill 'add' has at most 2500"):
+        write_suite(tmp_path / "out", 1, scale=150, spec=tmp_path / "spec.yaml")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]
+
+
+def test_input_generation_is_bounded(tmp_path, monkeypatch):
+    from taskpgm_ray.tasks import synthetic
+
+    stuck = synthetic.Skill("always the same input", lambda r, a: "aaa", lambda x, r, a: x, lambda a: 10 ** 9)
+    monkeypatch.setitem(synthetic.SKILLS, "sort", stuck)  # claims many inputs, returns one: would spin forever
+    (tmp_path / "spec.yaml").write_text(SPEC)
+    with pytest.raises(SpecError, match=r"synthetic task 's1': drew only 1 distinct inputs of the 56 wanted in 3800 "
+                                        r"attempts \(skill 'sort' has at most 1000000000 with alphabet 'mnopqrst'\)"):
+        write_suite(tmp_path / "out", 1, spec=tmp_path / "spec.yaml")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]

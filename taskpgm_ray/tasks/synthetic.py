@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from taskpgm_ray.errors import BadInput
+from taskpgm_ray.names import check_name
 
 SPEC_FORMAT = "taskpgm-suite-spec/1"
 DEFAULT_SPEC = Path(__file__).resolve().parent / "specs" / "default.yaml"
@@ -50,6 +51,20 @@ def _add_input(rng: random.Random, alphabet: str) -> str:
     return f"{rng.randint(0, 49)}+{rng.randint(0, 49)}"
 
 
+# How many distinct inputs each generator can return for an alphabet: a spec asking a task for more
+# (size + 2 x eval_size, all distinct so no example is in two splits) is refused instead of drawn forever.
+def _n_words(alphabet: str) -> int:
+    return sum(len(alphabet) ** n for n in range(3, 7))
+
+
+def _n_count_inputs(alphabet: str) -> int:
+    return 3 * sum(3 ** n for n in range(3, 8))  # a letter of alphabet[:3] "in" a 3-7 letter string of them
+
+
+def _n_add_inputs(alphabet: str) -> int:
+    return 50 * 50
+
+
 def _shift(w: str, alphabet: str) -> str:
     return "".join(alphabet[(alphabet.index(c) + 1) % len(alphabet)] for c in w)
 
@@ -61,6 +76,7 @@ class Skill:
     doc: str
     make_input: Callable[[random.Random, str], str]
     solve: Callable[[str, random.Random, str], str]
+    n_inputs: Callable[[str], int] = _n_words  # distinct inputs make_input can return for an alphabet
 
 
 SKILLS: dict[str, Skill] = {
@@ -74,9 +90,9 @@ SKILLS: dict[str, Skill] = {
     "swap": Skill("the first and last letters exchanged", _word, lambda x, r, a: x[-1] + x[1:-1] + x[0]),
     "length": Skill("the number of letters", _word, lambda x, r, a: str(len(x))),
     "count": Skill("how often a letter occurs in a string ('b in abcab' -> 2)", _count_input,
-                   lambda x, r, a: str(x.split(" in ")[1].count(x[0]))),
+                   lambda x, r, a: str(x.split(" in ")[1].count(x[0])), _n_count_inputs),
     "add": Skill("the sum of two numbers below 50 ('12+30' -> 42)", _add_input,
-                 lambda x, r, a: str(sum(int(v) for v in x.split("+")))),
+                 lambda x, r, a: str(sum(int(v) for v in x.split("+"))), _n_add_inputs),
     "random": Skill("a random word, unrelated to the input (noise)", _word, lambda x, r, a: _word(r, a)),
 }
 
@@ -158,7 +174,7 @@ def spec_from_dict(data: Any, *, source: str = "<spec>") -> SuiteSpec:
     if not isinstance(rows, list) or not rows:
         problems.append("tasks: must be a non-empty list")
         rows = []
-    tasks, seen = [], set()
+    tasks, seen = [], {}
     for i, row in enumerate(rows):
         where = f"tasks[{i}]"
         if not isinstance(row, dict):
@@ -168,11 +184,16 @@ def spec_from_dict(data: Any, *, source: str = "<spec>") -> SuiteSpec:
             problems.append(f"{where}.{key}: unknown key (valid: name, skill, template, size, role, score)")
         name, skill, template = row.get("name"), row.get("skill"), row.get("template")
         size, role = row.get("size"), row.get("role", "regular")
-        if not isinstance(name, str) or not name or "/" in name:
-            problems.append(f"{where}.name: must be a non-empty string without '/', got {name!r}")
-        elif name in seen:
-            problems.append(f"{where}.name: duplicate task name {name!r}")
-        seen.add(name)
+        try:  # a task name is a folder of the suite: the project's one rule for such names
+            check_name(name, f"{where}.name")
+        except BadInput as exc:
+            problems.append(str(exc))
+        else:
+            if name.casefold() in seen:  # the same folder on a case-insensitive file system
+                same = seen[name.casefold()]
+                also = f" (same folder as {same!r} on a case-insensitive file system)" if same != name else ""
+                problems.append(f"{where}.name: duplicate task name {name!r}{also}")
+            seen.setdefault(name.casefold(), name)
         if skill not in SKILLS:
             close = difflib.get_close_matches(str(skill), list(SKILLS), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(SKILLS)})"
@@ -187,12 +208,29 @@ def spec_from_dict(data: Any, *, source: str = "<spec>") -> SuiteSpec:
         score = row.get("score", role != "noise")
         if not isinstance(score, bool):
             problems.append(f"{where}.score: expected true or false, got {score!r}")
+        if skill in SKILLS and isinstance(size, int) and not isinstance(size, bool) and size >= 1 \
+                and isinstance(eval_size, int) and not isinstance(eval_size, bool) and eval_size >= 1:
+            problem = _capacity_problem(name, skill, size, eval_size, alphabet)
+            if problem:
+                problems.append(f"{where}: {problem}")
         tasks.append(SpecTask(str(name), str(skill), str(template), size if isinstance(size, int) else 0,
                               str(role), bool(score)))
     if problems:
         raise SpecError(f"{source}: " + (problems[0] if len(problems) == 1 else
                                          f"{len(problems)} problems: " + "; ".join(problems)))
     return SuiteSpec(tuple(tasks), alphabet, eval_size, seed, source)
+
+
+def _capacity_problem(name: object, skill: str, n_train: int, eval_size: int, alphabet: str,
+                      scale: float | None = None) -> str | None:
+    """Why a task cannot get ``n_train + 2 * eval_size`` distinct inputs from its skill, or None when it can."""
+    wanted, possible = n_train + 2 * eval_size, SKILLS[skill].n_inputs(alphabet)
+    if wanted <= possible:
+        return None
+    train = f"{n_train} training examples (size x scale {scale:g})" if scale is not None else f"size {n_train}"
+    widen = "widen the alphabet or " if SKILLS[skill].n_inputs is _n_words else ""
+    return (f"task {name!r} wants {wanted} distinct inputs ({train} + 2 x eval_size {eval_size}), but skill "
+            f"{skill!r} has at most {possible} with alphabet {alphabet!r}; {widen}lower the size or eval_size")
 
 
 def _one_x(template: str) -> bool:
@@ -208,32 +246,84 @@ def _one_x(template: str) -> bool:
 
 
 def _examples(task: SpecTask, n: int, rng: random.Random, alphabet: str) -> list[dict[str, str]]:
-    """``n`` examples with distinct inputs (so no example is in two splits)."""
+    """``n`` examples with distinct inputs (so no example is in two splits).
+
+    The caller has checked that the skill has ``n`` distinct inputs; the attempts are bounded all the same
+    (collisions grow as ``n`` nears that number), so no spec can make this loop spin forever.
+    """
     skill = SKILLS[task.skill]
     seen: set[str] = set()
     out: list[dict[str, str]] = []
-    tries = 0
-    while len(out) < n:
-        tries += 1
-        if tries > 50 * n + 1000:
-            raise SpecError(f"synthetic task {task.name!r}: cannot draw {n} distinct inputs for skill "
-                            f"{task.skill!r}; lower its size or widen the alphabet")
+    limit = 50 * n + 1000
+    for _ in range(limit):
+        if len(out) == n:
+            break
         x = skill.make_input(rng, alphabet)
         if x in seen:
             continue
         seen.add(x)
         out.append({"prompt": task.template.format(x=x), "response": " " + skill.solve(x, rng, alphabet)})
+    if len(out) < n:
+        raise SpecError(f"synthetic task {task.name!r}: drew only {len(out)} distinct inputs of the {n} wanted in "
+                        f"{limit} attempts (skill {task.skill!r} has at most {skill.n_inputs(alphabet)} with "
+                        f"alphabet {alphabet!r}); lower its size or widen the alphabet")
     return out
 
 
+MANIFEST = "suite.json"  # written last: a folder holding it (as a taskpgm-suite manifest) is one this module wrote
+MANIFEST_FORMAT = "taskpgm-suite/2"
+
+
+def _own_suite(path: Path) -> dict | None:
+    """The manifest of a suite this module wrote at ``path``, or None."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(manifest, dict) and str(manifest.get("format", "")).startswith("taskpgm-suite/") \
+        and isinstance(manifest.get("tasks"), list) and all(isinstance(t, dict) for t in manifest["tasks"])
+    return manifest if ok else None
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse (``BadInput`` naming ``out``) unless ``out`` is absent, an empty folder, or a suite this module
+    wrote that holds nothing else: writing a suite may replace only that, and never deletes anything else."""
+    if out.is_symlink():
+        raise BadInput(f"{out}: is a symbolic link; give the directory itself, or a new or empty directory")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise BadInput(f"{out}: exists and is not a directory; give a new or empty directory for the suite")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    manifest = _own_suite(out)
+    if manifest is None:
+        raise BadInput(f"{out}: exists, is not empty and is not a suite written by `taskpgm tasks synth` (no "
+                       f"{MANIFEST} manifest); refusing to replace it: give a new or empty directory")
+    ours = {MANIFEST, *map(str, manifest.get("files", [])), *(str(t.get("name")) for t in manifest["tasks"])}
+    foreign = [e for e in entries if e not in ours]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise BadInput(f"{out}: holds {shown} besides the suite written there earlier; refusing to replace it: "
+                       f"move those away or give a new or empty directory")
+
+
 def write_suite(out_dir: str | os.PathLike, seed: int, *, scale: float = 1.0, include: list[str] | None = None,
-                spec: SuiteSpec | str | os.PathLike | None = None) -> dict:
+                spec: SuiteSpec | str | os.PathLike | None = None, files: dict[str, str] | None = None) -> dict:
     """Write the suite as HF ``DatasetDict``s (train / validation / test) under ``out_dir/<task>``.
 
     Deterministic in (spec, seed, scale, include): each task draws from its own stream, so including or
     excluding tasks never changes the others. Returns the manifest also written to ``out_dir/suite.json``.
-    The directory is built next to its destination and moved into place, so it is never half-written.
+    ``files`` are extra text files (name -> content, e.g. the spec as ``spec.yaml``) written into the suite.
+
+    ``out_dir`` must be absent, empty, or a suite written here earlier with nothing else in it (replaced as a
+    whole); anything else is refused with ``BadInput`` and left untouched. The suite is built in a hidden
+    ``.<name>.incomplete-*`` sibling and swapped into place only when complete; that folder is removed on
+    every exit path (an error, Ctrl-C), so a failed write leaves nothing that looks like a dataset.
     """
+    import uuid
+
     import datasets
     from datasets import Dataset, DatasetDict
 
@@ -243,30 +333,57 @@ def write_suite(out_dir: str | os.PathLike, seed: int, *, scale: float = 1.0, in
     unknown = sorted(set(include or []) - set(names))
     if unknown:
         raise SpecError(f"synthetic.include: unknown suite task(s) {', '.join(unknown)} (valid: {', '.join(names)})")
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    manifest = {"format": "taskpgm-suite/2", "seed": seed, "scale": scale, "spec": spec.source,
-                "spec_hash": spec.hash, "alphabet": spec.alphabet, "tasks": []}
-    for task in spec.tasks:
-        if include and task.name not in include:
-            continue
-        rng = random.Random(f"{seed}/{task.name}")  # per-task stream: include/exclude never shifts others
-        n_train = max(8, round(task.size * scale))
-        rows = _examples(task, n_train + 2 * spec.eval_size, rng, spec.alphabet)
-        dd = DatasetDict({
-            "train": Dataset.from_list(rows[:n_train]),
-            "validation": Dataset.from_list(rows[n_train:n_train + spec.eval_size]),
-            "test": Dataset.from_list(rows[n_train + spec.eval_size:]),
-        })
-        dd.save_to_disk(str(tmp / task.name))
-        manifest["tasks"].append({**asdict(task), "sizes": {k: len(v) for k, v in dd.items()}})
-    (tmp / "suite.json").write_text(json.dumps(manifest, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
+    files = dict(files or {})
+    for fname in files:
+        check_name(fname, "write_suite(files=...)")
+        if fname == MANIFEST or fname in names:
+            raise BadInput(f"write_suite(files=...): {fname!r} is the manifest's or a task's name")
+    tasks = [t for t in spec.tasks if not include or t.name in include]
+    sizes = {t.name: max(8, round(t.size * scale)) for t in tasks}
+    problems = [p for t in tasks if (p := _capacity_problem(t.name, t.skill, sizes[t.name], spec.eval_size,
+                                                            spec.alphabet, scale))]
+    if problems:  # refused up front, before anything is drawn or written
+        raise SpecError(f"{spec.source or '<spec>'}: " + "; ".join(problems))
+    out = Path(out_dir).absolute()
+    _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    # hidden, and named for what it is: never mistaken for a dataset, even if a crash (SIGKILL) leaves it
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = out.with_name(f".{out.name}.incomplete-{token}")
+    tmp.mkdir()
+    old: Path | None = None
+    try:
+        manifest = {"format": MANIFEST_FORMAT, "seed": seed, "scale": scale, "spec": spec.source,
+                    "spec_hash": spec.hash, "alphabet": spec.alphabet, "files": sorted(files), "tasks": []}
+        for task in tasks:
+            rng = random.Random(f"{seed}/{task.name}")  # per-task stream: include/exclude never shifts others
+            n_train = sizes[task.name]
+            rows = _examples(task, n_train + 2 * spec.eval_size, rng, spec.alphabet)
+            dd = DatasetDict({
+                "train": Dataset.from_list(rows[:n_train]),
+                "validation": Dataset.from_list(rows[n_train:n_train + spec.eval_size]),
+                "test": Dataset.from_list(rows[n_train + spec.eval_size:]),
+            })
+            dd.save_to_disk(str(tmp / task.name))
+            manifest["tasks"].append({**asdict(task), "sizes": {k: len(v) for k, v in dd.items()}})
+        for fname, text in files.items():
+            (tmp / fname).write_text(text)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        _check_replaceable(out)  # again: something may have appeared there while we wrote
+        if out.exists() and not any(out.iterdir()):
+            out.rmdir()
+        elif out.exists():  # our own earlier suite: set it aside, swap the new one in, then delete it
+            old = out.with_name(f".{out.name}.replaced-{token}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            if out.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:  # the swap failed half-way: put the earlier suite back
+                os.replace(old, out)
     return manifest
 
 
@@ -274,11 +391,10 @@ def ensure_suite(out_dir: str | os.PathLike, seed: int, *, scale: float = 1.0, i
                  spec: SuiteSpec | str | os.PathLike | None = None) -> dict:
     """Write the suite unless ``out_dir`` already holds the same one; return its manifest."""
     spec = spec if isinstance(spec, SuiteSpec) else load_spec(spec)
-    path = Path(out_dir) / "suite.json"
-    if path.exists():
-        manifest = json.loads(path.read_text())
+    manifest = _own_suite(Path(out_dir))
+    if manifest is not None:
         wanted = [t.name for t in spec.tasks if not include or t.name in include]
         if (manifest.get("seed"), manifest.get("scale"), manifest.get("spec_hash")) == (seed, scale, spec.hash) \
-                and [t["name"] for t in manifest["tasks"]] == wanted:
+                and [t.get("name") for t in manifest["tasks"]] == wanted:
             return manifest
     return write_suite(out_dir, seed, scale=scale, include=include, spec=spec)
