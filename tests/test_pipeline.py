@@ -47,7 +47,7 @@ def test_the_console_is_short_says_each_thing_once_and_the_logs_hold_the_framewo
     for stage in ("tasks", "probes", "estimate", "tune", "select", "train", "report"):
         assert sum(line.startswith(f"{stage:<9} ") for line in lines) == 1, (stage, console)
     assert re.search(r"^train +step 120/120, loss [\d.]+, eval loss [\d.]+, [\d,]+ tokens/s$", console, re.M), console
-    assert re.search(r"^tune +5 trials; best .+, validation loss [\d.]+$", console, re.M), console
+    assert re.search(r"^tune +6 trials; best .+, validation loss [\d.]+$", console, re.M), console
     assert f"mixture  {run_dir / 'mixture.json'}" in lines and f"logs     {run_dir / 'logs'}" in lines
 
     logs = {p.stem: p.read_text() for p in (run_dir / "logs").glob("*.log")}
@@ -258,3 +258,36 @@ def test_compare_scores_every_method_on_the_test_split_with_the_same_budget(run_
     again = compare_command(cfg, seeds=[0])  # every fine-tune cached
     assert again["seeds"][0]["test_loss"] == row["test_loss"]
     assert (run_dir / "compare" / "compare.png").stat().st_size > 5000
+
+    # the same budget: every method's fine-tune drew steps x micro batch x accumulation x workers examples
+    budget = cfg.train.steps * cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.train.num_workers
+    runs = {}
+    for method in row["test_loss"]:
+        (path,) = (run_dir / "compare" / "runs").glob(f"{method}-seed0-*/summary.json")
+        runs[method] = json.loads(path.read_text())
+    for method, s in runs.items():
+        assert s["steps"] == cfg.train.steps and s["world_size"] == cfg.train.num_workers, method
+        assert s["weight_unit"] == "examples" and sum(s["samples_per_task"].values()) == budget, (method, s)
+        assert sum(s["tokens_per_task"].values()) == row["tokens"][method]
+        assert s["eval_split"] == "test" and s["eval_loss_per_task"] == row["per_task"][method], method
+    # scored on the test split: uniform's final model, evaluated again, gives its numbers on test, not validation
+    from transformers import AutoModelForCausalLM
+
+    from taskpgm_ray.models import encode_example, load_tokenizer
+    from taskpgm_ray.tasks import load_tasks
+    from taskpgm_ray.train.recipe import evaluate_model
+
+    (model_dir,) = (run_dir / "compare" / "runs").glob("uniform-seed0-*/train/ray/**/hf_model")
+    model, tokenizer, tasks = AutoModelForCausalLM.from_pretrained(str(model_dir)), \
+        load_tokenizer(run_dir / "tokenizer"), load_tasks(cfg)
+    names = [t.name for t in tasks]
+
+    def loss_on(split: str) -> dict[str, float]:
+        sets = [[(encode_example(tokenizer, ex.prompt, ex.response, cfg.model.max_length), ex.response)
+                 for ex in getattr(t, split)] for t in tasks]
+        return evaluate_model(model, tokenizer, sets, names)["eval_loss_per_task"]
+
+    on_test, on_validation = loss_on("test"), loss_on("eval")
+    for name in names:
+        assert row["per_task"]["uniform"][name] == pytest.approx(on_test[name], rel=1e-4, abs=1e-5), name
+    assert max(abs(row["per_task"]["uniform"][n] - on_validation[n]) for n in names) > 1e-3, (on_test, on_validation)
