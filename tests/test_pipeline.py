@@ -277,7 +277,9 @@ def test_compare_scores_every_method_on_the_test_split_with_the_same_budget(run_
     from taskpgm_ray.tasks import load_tasks
     from taskpgm_ray.train.recipe import evaluate_model
 
-    (model_dir,) = (run_dir / "compare" / "runs").glob("uniform-seed0-*/train/ray/**/hf_model")
+    (uniform_dir,) = (run_dir / "compare" / "runs").glob("uniform-seed0-*")  # a fine-tune shared by equal weights
+    key = uniform_dir.name.rsplit("-", 1)[1]  # is trained once, in the first such method's directory
+    (model_dir,) = (run_dir / "compare" / "runs").glob(f"*-seed0-{key}/train/ray/**/hf_model")
     model, tokenizer, tasks = AutoModelForCausalLM.from_pretrained(str(model_dir)), \
         load_tokenizer(run_dir / "tokenizer"), load_tasks(cfg)
     names = [t.name for t in tasks]
