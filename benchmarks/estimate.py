@@ -111,7 +111,8 @@ def bench_anytime(cfg, lines: list[str]) -> None:
     order = [p.hash for p in resolve_proxies(cfg, tasks)]
     shards = make_shards(tasks, cfg.estimation.shard_size, scoring_settings(cfg))
     shard_dir = Path(cfg.output_dir) / "estimate" / "shards"
-    sums = [_shard_sums(s, _read_shard(shard_dir / f"{s.key}.npz"), order, cfg.estimation.jsd) for s in shards]
+    sums = [_shard_sums(s, _read_shard(shard_dir / f"{s.key}.npz"), order, cfg.estimation.jsd,
+                        cfg.estimation.info_prompts) for s in shards]
     rule = cfg.estimation.stop_when_stable
     needed, loose, stops, errors = [], [], [], []
     for seed in range(6):  # seed 0: the driver's order; others: shards shuffled within each task
