@@ -278,7 +278,7 @@ def train(config: str | None, test_mode: bool, output_dir: str | None, mixture_p
 @stage_options
 def tune_cmd(config: str | None, test_mode: bool, output_dir: str | None) -> None:
     """Stage 7: Ray Tune over the energy hyperparameters (needs a finished estimate)."""
-    from taskpgm_ray.pipeline import Pipeline, load_sums, select_mixture
+    from taskpgm_ray.pipeline import Pipeline, load_sums, select_mixture, selected_certainty
     from taskpgm_ray.tune import run_tune, write_best_mixture
 
     cfg = _config(config, test_mode, output_dir)
@@ -291,6 +291,7 @@ def tune_cmd(config: str | None, test_mode: bool, output_dir: str | None) -> Non
         write_best_mixture(result["best"], pipe.tasks, out / "tune" / "best.json", inputs_hash=pipe.tune_key(),
                            weight_unit=cfg.train.weight_unit)
         select_mixture(out, tune=True)
+        selected_certainty(cfg, pipe.tasks)  # active estimation: the stop rule's bound for the selected mixture
     best = result["best"]
     _ui().final(f"best: {best['method']} {best['hyperparameters']} validation loss {best['validation_loss']:.4f}; "
                 f"{len(result['trials'])} trials in {out / 'tune' / 'results.json'}")

@@ -239,8 +239,12 @@ class Pipeline:
 
     def _run_select(self) -> str:
         path = select_mixture(self.out, tune=self.cfg.tune.enabled)
+        certainty = selected_certainty(self.cfg, self.tasks)
         source = "tune/best.json" if self.cfg.tune.enabled else "estimate/mixture.json"
-        return f"{path.name} = {source} ({json.loads(path.read_text())['method']})"
+        line = f"{path.name} = {source} ({json.loads(path.read_text())['method']})"
+        if certainty is not None:
+            line += f"; within {certainty['declared_l1']:.2g} L1 of its full-scoring mixture (90%)"
+        return line
 
     def _run_train(self) -> str:
         from taskpgm_ray.train import train_command
@@ -358,6 +362,44 @@ def select_mixture(run_dir: str | Path, *, tune: bool) -> Path:
         raise BadInput(f"{source} not found: run `taskpgm {'tune' if tune else 'estimate'}` first")
     atomic_write_text(run_dir / "mixture.json", source.read_text())
     return run_dir / "mixture.json"
+
+
+def mixture_energy(mixture: dict[str, Any], base: Any) -> Any:
+    """The energy (``EnergyConfig``) a TaskPGM ``mixture.json`` was solved with: its ``hyperparameters`` and
+    ``affinity`` over ``base`` (the config's energy, for fields a file leaves out); None for a baseline."""
+    if mixture.get("method") != "taskpgm":
+        return None
+    hyper = mixture.get("hyperparameters") or {}
+    given = {f.name: hyper[f.name] for f in dataclasses.fields(base) if f.name in hyper and f.name != "affinity"}
+    return dataclasses.replace(base, **given, affinity=mixture.get("affinity") or base.affinity)
+
+
+def selected_certainty(cfg: Config, tasks: list) -> dict[str, Any] | None:
+    """With ``estimation.active``, the stop rule's bound for the mixture the run selected (``mixture.json``).
+
+    The estimate stage's bound (``estimate/progress.json``) is for the config's energy; when the selected mixture
+    is a TaskPGM trial with another energy, the rule's last check is redone for that energy
+    (``estimation.active_certainty``) and written to ``select/certainty.json`` (with the energy and the weights it
+    is for), which the report shows beside the mixture. None (and no file) otherwise: a baseline was selected, or
+    the energy is the config's, whose bound the report takes from the estimate stage.
+    """
+    from taskpgm_ray.distributed.estimation import active_certainty
+
+    out = Path(cfg.output_dir)
+    path = out / "select" / "certainty.json"
+    path.unlink(missing_ok=True)  # never leave a bound for an earlier selection beside this one
+    if not cfg.estimation.active:
+        return None
+    energy = mixture_energy(json.loads((out / "mixture.json").read_text()), cfg.energy)
+    progress = json.loads((out / "estimate" / "progress.json").read_text()) \
+        if (out / "estimate" / "progress.json").exists() else {}
+    stage = progress.get("certainty") or {}
+    if energy is None or dataclasses.asdict(energy) == stage.get("energy"):
+        return None
+    certainty = active_certainty(cfg, tasks, energy)
+    if certainty is not None:
+        atomic_write_json(path, certainty)
+    return certainty
 
 
 def load_sums(run_dir: str | Path) -> dict[str, Any]:

@@ -235,7 +235,8 @@ def make_report(run_dir: str | Path, *, tracking: TrackingConfig | None = None) 
           f"{_fmt(summary.get('eval_loss_mean'), 'n/a')}.",
           "", _table_markdown(rows, ["task", "weight", "uniform", "train_size", "samples", "eval_loss",
                                      "eval_accuracy", "test_loss", "test_accuracy"]), ""]
-    md += estimation_markdown(estimate)
+    md += estimation_markdown(estimate, mixture=mixture,
+                              selected=_read_json(run_dir / "select" / "certainty.json"))
     md += signal_markdown(signal)
     if compare:
         from taskpgm_ray.compare import summary_markdown
@@ -267,10 +268,16 @@ def signal_markdown(signal: dict | None) -> list[str]:
                     "(nats per example, at most information_bound = log K); output_only is a diagnostic.", ""]
 
 
-def estimation_markdown(progress: dict | None) -> list[str]:
+def estimation_markdown(progress: dict | None, *, mixture: dict | None = None,
+                        selected: dict | None = None) -> list[str]:
     """How much of the likelihood matrix the estimate stage measured (``estimate/progress.json``), as markdown:
     one line, and with active estimation the stop rule's verdict and a proxy x task table of the share of
-    each entry's probe examples that were scored (blank: filled in by matrix completion)."""
+    each entry's probe examples that were scored (blank: filled in by matrix completion).
+
+    The rule's bound is for one energy's mixture. It is shown as the bound of ``mixture`` (the run's
+    ``mixture.json``) only when it is for that mixture's energy: the estimate stage's (the config's energy) or
+    ``selected`` (``select/certainty.json``, the check redone for a Tune trial's energy); otherwise it is
+    labelled as the config's energy's, with its beta, lam and prior strength."""
     if not progress or "measured" not in progress:  # a run from before the field existed
         return []
     names = progress["tasks"]
@@ -282,14 +289,42 @@ def estimation_markdown(progress: dict | None) -> list[str]:
                 "completion)." if progress["active"] else "."), ""]
     c = progress.get("certainty")
     if c:
-        lines += [f"Stop rule: {c['stopped_by']}; the mixture is within **{c['declared_l1']:.3g}** L1 of the "
-                  f"full-scoring one with probability {c['level']:g} (tol {c['tol']:g}).", ""]
+        lines += [_certainty_line(c, mixture, selected), ""]
     if progress["active"] and len(names) <= 30:
         rows = [{"proxy / task": a, **{b: (f"{v:.2f}" if v > 0 else "") for b, v in zip(names, row)}}
                 for a, row in zip(names, progress["measured"])]
         lines += ["Measured entries (share of the task's probe examples the proxy scored):", "",
                   _table_markdown(rows, ["proxy / task", *names]), ""]
     return lines
+
+
+def _certainty_line(c: dict, mixture: dict | None, selected: dict | None) -> str:
+    """The stop rule's verdict, with its bound said of the mixture it is for (see ``estimation_markdown``)."""
+    rule = f"Stop rule: {c['stopped_by']} (tol {c['tol']:g}, probability {c['level']:g}); "
+    config_energy = f"the config's energy ({_energy_label(c['energy'])})" if c.get("energy") else "the config's energy"
+    if mixture is not None and selected and _is_energy_of(mixture, selected.get("energy")):
+        return (rule + f"the chosen mixture ({_energy_label(selected['energy'])}) is within "
+                f"**{selected['declared_l1']:.3g}** L1 of its full-scoring mixture with probability "
+                f"{selected['level']:g} (the rule's last check redone for this energy; for {config_energy}: "
+                f"{c['declared_l1']:.3g}).")
+    if mixture is not None and _is_energy_of(mixture, c.get("energy")):
+        return (rule + f"the chosen mixture ({_energy_label(c['energy'])}) is within **{c['declared_l1']:.3g}** L1 "
+                f"of the full-scoring one with probability {c['level']:g}.")
+    shown = f" It is not a bound on the chosen mixture ({mixture['method']})." if mixture is not None else ""
+    return (rule + f"for {config_energy}, the estimate stage's mixture is within **{c['declared_l1']:.3g}** L1 "
+            f"of the full-scoring one with probability {c['level']:g}." + shown)
+
+
+def _is_energy_of(mixture: dict, energy: dict | None) -> bool:
+    """Whether ``mixture`` (a mixture.json) was solved with ``energy`` (an ``EnergyConfig`` as a dict)."""
+    hyper = mixture.get("hyperparameters") or {}
+    return (bool(energy) and mixture.get("method") == "taskpgm" and mixture.get("affinity") == energy["affinity"]
+            and all(k in hyper and hyper[k] == v for k, v in energy.items() if k != "affinity"))
+
+
+def _energy_label(energy: dict) -> str:
+    return (f"beta={energy['beta']:g}, lam={energy['lam']:g}, prior_strength={energy['prior_strength']:g}, "
+            f"kernel {energy['kernel']}, unary {energy['unary']}")
 
 
 def _estimation_digest(progress: dict | None) -> dict | None:

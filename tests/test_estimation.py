@@ -3,6 +3,7 @@ reference, an actor killed mid-run, an interrupted run resumed, a task added, an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -340,3 +341,32 @@ def test_active_estimation_scores_part_of_the_pairs_and_resumes(probed, tmp_path
 
     again = estimate_command(cfg)
     assert again["scored"] == 0 and again["weights"] == active["weights"]
+
+    # The bound is for one energy's mixture. Redone from estimate/active.npz for the config's energy it is the
+    # stage's own last check; for a Tune trial's energy (select/certainty.json) it is that mixture's own bound,
+    # and the report says which mixture it is for.
+    from taskpgm_ray.distributed.estimation import active_certainty
+    from taskpgm_ray.pipeline import selected_certainty
+
+    tasks = load_tasks(cfg)
+    assert active_certainty(cfg, tasks, cfg.energy)["declared_l1"] == certainty["declared_l1"]
+    assert certainty["energy"] == dataclasses.asdict(cfg.energy)
+    other = dataclasses.replace(cfg.energy, beta=4.0, prior_strength=0.0)
+    trial = json.loads((run / "estimate" / "mixture.json").read_text())
+    trial["hyperparameters"].update(beta=4.0, prior_strength=0.0)
+    (run / "mixture.json").write_text(json.dumps(trial))
+    selected = selected_certainty(cfg, tasks)
+    assert selected == json.loads((run / "select" / "certainty.json").read_text())
+    assert selected["energy"] == dataclasses.asdict(other)
+    assert selected["weights"] != progress["trajectory"][-1]["weights"]
+    md = "\n".join(estimation_markdown(progress, mixture=trial, selected=selected))
+    assert "the chosen mixture (beta=4, lam=1, prior_strength=0" in md and "redone for this energy" in md
+
+    # A re-run with another energy is another mixture: it does not stop at once on the old streak.
+    changed = estimate_command(make_config(run, **{"estimation.jsd": False, "estimation.active": True,
+                                                   "estimation.active_tol": 0.05, "energy.beta": 4.0,
+                                                   "energy.prior_strength": 0.0}))
+    assert changed["certainty"]["energy"] == dataclasses.asdict(other)
+    assert changed["trajectory"][0]["weights"] != progress["trajectory"][-1]["weights"]  # a new check, not the old
+    assert changed["certainty"]["stopped_by"] == "everything scored" or (
+        len(changed["trajectory"]) >= 2 and changed["scored"] > 0)  # two new certain checks, with scoring between

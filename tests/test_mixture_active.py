@@ -216,6 +216,51 @@ def test_declared_certainty_holds_along_active_runs():
     assert np.mean(held) >= 0.85
 
 
+def default_energy_solve(count, seed):
+    """The pipeline's default energy (``EnergyConfig()``: clip kernel, information unary, normalised, temperature
+    prior, floor) as the active driver solves it: L varies over the draws, the information unary and the sizes
+    (from the base and rotated scorings of every shard, and the tasks) do not."""
+    import inspect
+
+    from taskpgm_ray.config import EnergyConfig
+    from taskpgm_ray.mixture.taskpgm import taskpgm_mixture
+
+    rng = np.random.default_rng(100 + seed)
+    n, N = count.shape[0], count.sum(1)
+    information = np.where(rng.random(n) < 0.1, 0.0, rng.uniform(0, 1, n))  # noise tasks carry none
+    sizes = rng.integers(100, 20000, n)
+    taken = inspect.signature(taskpgm_mixture).parameters
+    energy = {k: v for k, v in dataclasses.asdict(EnergyConfig()).items() if k in taken}
+    return lambda L: taskpgm_mixture(L * N[None, :], N, information=information, sizes=sizes, **energy).weights
+
+
+@pytest.mark.slow  # about 45 s of CPU: 42 checks of 65 solves of the default energy
+@pytest.mark.xfail(strict=True, reason="issue 23: under the default energy the declared 90% bound held at 33 of "
+                   "these 42 checks (78.6%); most misses are late checks of one world whose mixture stays ~0.03 L1 off")
+def test_declared_certainty_holds_under_the_default_energy():
+    """The same check under the energy the pipeline runs by default, not the paper's, with the pipeline's 64
+    draws. The calibration (module docstring of mixture/active.py) was measured under the paper's energy; here the
+    declared bound held at 33 of 42 checks (78.6%, against 90% declared): 10 of seed 0's 17 checks miss, from about
+    half the pairs on, with an actual L1 of 0.025-0.031 against declared 0.021-0.027 (none certain at tol 0.01).
+    With other draws of the unary and sizes it held at 39 of 42. Strict xfail: when the rule holds here, this
+    passes and says so."""
+    held = []
+    for seed in range(4):
+        n = 40
+        Y, count, L = clustered(n, seed)
+        solve_default = default_energy_solve(count, seed)
+        p_full = solve_default(L)
+        scored = initial_pairs(count, fraction=0.05, seed=seed)
+        while scored.any(2).mean() < 0.7:
+            comp = complete_likelihoods(Y, count, scored, seed=seed)
+            cert = mixture_certainty(comp, solve_default, n_boot=64, seed=seed)
+            held.append(np.abs(cert.weights - p_full).sum() <= cert.l1_at_level)
+            todo = next_pairs(comp, cert, int(0.02 * n * n * N_SHARDS))
+            scored[tuple(todo.T)] = True
+    assert len(held) >= 40
+    assert np.mean(held) >= 0.85
+
+
 def test_declared_bound_is_an_upper_confidence_bound_on_the_quantile():
     _, Y, count, _ = planted(25, 13, noise=2.0)
     comp = complete_likelihoods(Y, count, initial_pairs(count, fraction=0.2, seed=1))

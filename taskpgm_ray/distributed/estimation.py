@@ -592,15 +592,17 @@ def _estimate_active(cfg, tasks, shards, order, records, pool, progress) -> dict
     A unit is (proxy i, shard r of task j); the base model and the rotated pairs score every shard (the
     signal checks and the information unary need them; 1 + 2 (K - 1) scorings per shard against n proxies). Units are
     cached per (adapter, shard) as in a full run, so an interrupted run resumes with what it had; the stop
-    rule's streak is kept in ``estimate/active.json`` under a hash of the scored units, so a re-run of a
-    finished estimation scores nothing.
+    rule's streak is kept in ``estimate/active.json`` under a hash of the scored units and of everything the
+    rule's solve reads (the energy, the caps, the utilities and sizes), so a re-run of a finished estimation
+    scores nothing, and a re-run with another energy starts a new streak. The last check's inputs go to
+    ``estimate/active.npz``, from which ``active_certainty`` redoes the check for another energy.
 
     Returns ``loglik_sum`` (n, n: the completed matrix times ``count``, exact sums in fully measured cells),
     ``count`` (n: every probe example), ``measured`` (n, n: share of each cell's examples scored),
     ``trajectory`` (one row per check), ``bands``, ``certainty`` (the last check) and ``cached`` (shards with
     every planned unit already on disk at the start).
     """
-    from taskpgm_ray.distributed.solve import mixture_caps, solve_from_sums
+    from taskpgm_ray.distributed.solve import mixture_caps
     from taskpgm_ray.mixture.active import complete_likelihoods, initial_pairs, mixture_certainty, next_pairs
 
     e, n, seed = cfg.estimation, len(tasks), cfg.probes.seed
@@ -659,13 +661,14 @@ def _estimate_active(cfg, tasks, shards, order, records, pool, progress) -> dict
         # the energy's inputs besides L: the signal sums from the base and rotated scorings of every shard
         _, _, _, _, sig = _totals([_shard_sums(s, records[s.index], order, False, e.info_prompts) for s in shards], n)
 
-        def solve(L: np.ndarray, sig: dict = sig) -> np.ndarray:
-            return solve_from_sums(L * N[None, :], N, None, None, cfg.energy, utilities=utilities,
-                                   signal=sig, max_weights=caps, sizes=sizes)[0]
-
-        comp = complete_likelihoods(Y, count, scored, seed=seed, noise_var=_example_noise(by_task, records, order))
+        solve = _active_solver(cfg.energy, N, sig, utilities, caps, sizes)
+        noise_var = _example_noise(by_task, records, order)
+        comp = complete_likelihoods(Y, count, scored, seed=seed, noise_var=noise_var)
         cert = mixture_certainty(comp, solve, tol=e.active_tol, level=ACTIVE_LEVEL, n_boot=ACTIVE_DRAWS, seed=seed)
-        key = hashlib.sha256(json.dumps([order, [s.key for s in shards], e.active_tol, seed]).encode()
+        # The streak is the rule's verdict on this energy's mixture: another energy (or caps, utilities, sizes)
+        # is another mixture and starts its own streak.
+        solve_inputs = [asdict(cfg.energy), None if caps is None else np.asarray(caps).tolist(), utilities, sizes]
+        key = hashlib.sha256(json.dumps([order, [s.key for s in shards], e.active_tol, seed, solve_inputs]).encode()
                              + np.packbits(scored).tobytes()).hexdigest()[:24]
         if saved and saved.get("key") == key:  # the very check a previous run ended on: not a new check
             streak, trajectory = int(saved["streak"]), list(saved["trajectory"])
@@ -687,6 +690,10 @@ def _estimate_active(cfg, tasks, shards, order, records, pool, progress) -> dict
         plan[pick[:, 0], pick[:, 1], pick[:, 2]] = True
         todo = wanted(plan)
 
+    # The last check's inputs: the completion is a deterministic function of them, so the check can be redone
+    # for another energy (``active_certainty``: the report's bound for the mixture the run selected).
+    atomic_savez(state_path.with_suffix(".npz"), loglik_units=Y, count=count, scored=scored, noise_var=noise_var,
+                 seed=np.int64(seed))
     measured = comp.scored_examples / N[None, :]
     full = comp.scored_examples >= N[None, :]
     loglik_sum = np.where(full, Y.sum(2), comp.loglik_mean * N[None, :])
@@ -699,7 +706,58 @@ def _estimate_active(cfg, tasks, shards, order, records, pool, progress) -> dict
                           "declared_l1": cert.l1_at_level, "expected_l1": cert.expected_l1,
                           "certain": cert.certain, "checks_certain_in_a_row": streak,
                           "stopped_by": "certainty" if streak >= ACTIVE_CHECKS else "everything scored",
-                          "completion_rank": comp.rank, "completion_tau2": comp.tau2}}
+                          "completion_rank": comp.rank, "completion_tau2": comp.tau2,
+                          "energy": asdict(cfg.energy)}}  # the bound is for this energy's mixture
+
+
+def _active_solver(energy, N, signal, utilities, caps, sizes) -> Callable[[np.ndarray], np.ndarray]:
+    """The solve the certainty rule bootstraps: a complete (n, n) mean log-likelihood matrix to ``energy``'s
+    mixture, with the estimate's signal sums, the repetition caps and the tasks' utilities and sizes."""
+    from taskpgm_ray.distributed.solve import solve_from_sums
+
+    def solve(L: np.ndarray) -> np.ndarray:
+        return solve_from_sums(L * N[None, :], N, None, None, energy, utilities=utilities, signal=signal,
+                               max_weights=caps, sizes=sizes)[0]
+
+    return solve
+
+
+def active_certainty(cfg: Config, tasks: list[TaskData], energy) -> dict | None:
+    """The active stop rule's last check redone for ``energy`` (an ``EnergyConfig``): the bound on how far the
+    full-scoring mixture of that energy is from the one the completed likelihood matrix gives.
+
+    The estimate stage's bound (``progress.json`` ``certainty``) is for the config's energy; Tune may select a
+    trial with another beta, prior strength or kernel, and that mixture's bound is not the same. The check reads
+    ``estimate/active.npz`` (the scored units and the per-example noise of the last check) and the signal sums
+    of ``likelihoods.npz``; the completion and the draws use the estimate's seed, so for the config's energy it
+    is the stage's own last check, to the digit.
+
+    Returns:
+        ``{"tol", "level", "draws", "declared_l1", "expected_l1", "certain", "weights", "energy"}``, or None when
+        the run has no active estimation state (a full scoring, or a run from before the file existed).
+    """
+    from taskpgm_ray.distributed.solve import mixture_caps
+    from taskpgm_ray.mixture.active import complete_likelihoods, mixture_certainty
+    from taskpgm_ray.mixture_file import load_signal
+
+    out = Path(cfg.output_dir)
+    path = out / "estimate" / "active.npz"
+    if not path.exists() or not (out / "likelihoods.npz").exists():
+        return None
+    with np.load(path) as f:
+        Y, count, scored, noise_var, seed = (f["loglik_units"], f["count"], f["scored"], f["noise_var"],
+                                             int(f["seed"]))
+    if scored.shape[0] != len(tasks):
+        return None  # the state of another task list
+    N = count.sum(1)
+    solve = _active_solver(energy, N, load_signal(str(out / "likelihoods.npz")), [t.utility for t in tasks],
+                           mixture_caps(cfg, tasks), [len(t.train) for t in tasks])
+    comp = complete_likelihoods(Y, count, scored, seed=seed, noise_var=noise_var)
+    tol = cfg.estimation.active_tol
+    cert = mixture_certainty(comp, solve, tol=tol, level=ACTIVE_LEVEL, n_boot=ACTIVE_DRAWS, seed=seed)
+    return {"tol": tol, "level": ACTIVE_LEVEL, "draws": ACTIVE_DRAWS, "declared_l1": cert.l1_at_level,
+            "expected_l1": cert.expected_l1, "certain": cert.certain, "weights": cert.weights.tolist(),
+            "energy": asdict(energy)}
 
 
 def _example_noise(by_task: list[list[Shard]], records: dict, order: list[str]) -> np.ndarray:
