@@ -169,7 +169,7 @@ def test_wandb_offline_runs_hold_the_metrics_and_the_mixture(run_dir):
             trials.append(record)
             trained_on[path.parts[path.parts.index("trials") + 1]] = record["config"]["update"]["weights"]
     group = (run_dir / "wandb_group.txt").read_text().strip()
-    assert groups == {group} and len(trials) == 5
+    assert groups == {group} and len(trials) == 6  # 2 TaskPGM, uniform, size, 2 temperatures
     assert all(t["display_name"].startswith("trial-") and "trial" in t["config"]["update"] for t in trials)
     # tune/results.json reports the weights each trial's training workers logged, i.e. what it trained on
     results = json.loads((run_dir / "tune" / "results.json").read_text())
