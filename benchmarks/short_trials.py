@@ -171,9 +171,9 @@ def main() -> None:
     import ray
 
     from taskpgm_ray.distributed.cluster import cluster_resources, init_ray
+    from taskpgm_ray.hashing import digest
     from taskpgm_ray.io import atomic_write_json
     from taskpgm_ray.models import ensure_run_tokenizer
-    from taskpgm_ray.pipeline import digest
     from taskpgm_ray.train.launch import put_task_data
     from taskpgm_ray.train.validation import validate_mixture
 

@@ -278,7 +278,8 @@ def train(config: str | None, test_mode: bool, output_dir: str | None, mixture_p
 @stage_options
 def tune_cmd(config: str | None, test_mode: bool, output_dir: str | None) -> None:
     """Stage 7: Ray Tune over the energy hyperparameters (needs a finished estimate)."""
-    from taskpgm_ray.pipeline import Pipeline, load_sums, select_mixture, selected_certainty
+    from taskpgm_ray.mixture_file import load_sums
+    from taskpgm_ray.pipeline import Pipeline, select_mixture, selected_certainty
     from taskpgm_ray.tune import run_tune, write_best_mixture
 
     cfg = _config(config, test_mode, output_dir)

@@ -33,6 +33,7 @@ import numpy as np
 from taskpgm_ray.config import Config
 from taskpgm_ray.console import StageProgress
 from taskpgm_ray.errors import BadInput
+from taskpgm_ray.figures import plot_compare
 from taskpgm_ray.io import atomic_write_json, atomic_write_text
 from taskpgm_ray.tasks import TaskData
 
@@ -124,7 +125,7 @@ def _ablations(cfg: Config, tasks: list[TaskData], energy) -> dict[str, dict[str
     unary (beta 0), and the paper's energy (``config.PAPER_ENERGY``), solved from the run's sums."""
     from taskpgm_ray.config import PAPER_ENERGY
     from taskpgm_ray.distributed.solve import mixture_caps, solve_from_sums
-    from taskpgm_ray.pipeline import load_sums
+    from taskpgm_ray.mixture_file import load_sums
 
     sums = load_sums(cfg.output_dir)
     if sums["tasks"] != [t.name for t in tasks]:
@@ -172,8 +173,8 @@ def compare_command(cfg: Config, *, mixtures: list[str | Path] = (), seeds: list
     import ray
 
     from taskpgm_ray.distributed.cluster import cluster_resources, init_ray
+    from taskpgm_ray.hashing import digest
     from taskpgm_ray.models import ensure_run_tokenizer
-    from taskpgm_ray.pipeline import digest
     from taskpgm_ray.tasks import load_tasks
     from taskpgm_ray.train.validation import validate_mixture
 
@@ -325,28 +326,3 @@ def summary_markdown(results: dict[str, Any]) -> str:
     lines += ["", "Where each mixture comes from: " + "; ".join(f"{k}: {m['source']}" for k, m in
                                                               results["methods"].items()), ""]
     return "\n".join(lines)
-
-
-def plot_compare(results: dict[str, Any], path: Path) -> Path:
-    """Test-loss curves (scored mean) of every method, one panel per seed (at most four)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from taskpgm_ray.report import _savefig
-
-    rows = results["seeds"][:4]
-    fig, axes = plt.subplots(1, len(rows), figsize=(4.5 * len(rows), 3.4), squeeze=False)
-    for ax, r in zip(axes[0], rows):
-        for method, curve in r["curves"].items():
-            ax.plot([c[0] for c in curve], [c[1] for c in curve], "o-", ms=3, label=method)
-        ax.set_title(f"seed {r['seed']}")
-        ax.set_xlabel("step")
-        ax.set_ylabel("test loss (scored tasks)")
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    out = _savefig(fig, path)
-    plt.close(fig)
-    return out

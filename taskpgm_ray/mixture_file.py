@@ -792,3 +792,17 @@ def parse_export(text: str, to: str, *, sizes: dict[str, int] | None = None) -> 
             rows[d["path"]] = rows.get(d["path"], 0) + n
         return {k: n / sum(rows.values()) for k, n in rows.items()}
     raise BadInput(f"unknown export format {to!r}; choose one of {', '.join(EXPORTS)}")
+
+
+def load_sums(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The estimation sums Tune needs, from a run directory's ``likelihoods.npz`` (and ``jsd.npz`` when present)."""
+    from pathlib import Path
+
+    run_dir = Path(run_dir)
+    with np.load(run_dir / "likelihoods.npz") as f:
+        sums = {"tasks": [str(t) for t in f["tasks"]], "loglik_sum": f["loglik_sum"], "count": f["count"]}
+    sums["signal"] = load_signal(str(run_dir / "likelihoods.npz"))
+    if (run_dir / "jsd.npz").exists():
+        with np.load(run_dir / "jsd.npz") as f:
+            sums["jsd_sum"], sums["jsd_count"] = f["jsd_sum"], f["token_count"]
+    return sums

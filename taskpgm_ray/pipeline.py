@@ -22,6 +22,7 @@ from typing import Any
 from taskpgm_ray.config import Config
 from taskpgm_ray.console import RunConsole, StageProgress
 from taskpgm_ray.errors import BadInput
+from taskpgm_ray.hashing import digest
 from taskpgm_ray.io import atomic_write_json, atomic_write_text
 
 # Settings that change where or how fast a stage runs, never its result: left out of the stage keys.
@@ -33,11 +34,6 @@ RESOURCE_FIELDS = {
 }
 # Settings of the final fine-tune that Tune's short trials do not use.
 FINAL_TRAIN_ONLY = {"steps", "eval_every", "checkpoint_every"}
-
-
-def digest(*parts: Any) -> str:
-    """A short, stable hash of JSON-able parts."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def settings(cfg: Config, section: str, drop: set[str] = frozenset()) -> dict[str, Any]:
@@ -226,6 +222,7 @@ class Pipeline:
             self.ui.line(f"[yellow]warning:[/yellow] {escape(w)}")
 
     def _run_tune(self) -> str:
+        from taskpgm_ray.mixture_file import load_sums
         from taskpgm_ray.tracking import trial_name
         from taskpgm_ray.tune import run_tune, write_best_mixture
 
@@ -400,22 +397,6 @@ def selected_certainty(cfg: Config, tasks: list) -> dict[str, Any] | None:
     if certainty is not None:
         atomic_write_json(path, certainty)
     return certainty
-
-
-def load_sums(run_dir: str | Path) -> dict[str, Any]:
-    """The estimation sums Tune needs, from ``likelihoods.npz`` (and ``jsd.npz`` when present)."""
-    import numpy as np
-
-    from taskpgm_ray.mixture_file import load_signal
-
-    run_dir = Path(run_dir)
-    with np.load(run_dir / "likelihoods.npz") as f:
-        sums = {"tasks": [str(t) for t in f["tasks"]], "loglik_sum": f["loglik_sum"], "count": f["count"]}
-    sums["signal"] = load_signal(str(run_dir / "likelihoods.npz"))
-    if (run_dir / "jsd.npz").exists():
-        with np.load(run_dir / "jsd.npz") as f:
-            sums["jsd_sum"], sums["jsd_count"] = f["jsd_sum"], f["token_count"]
-    return sums
 
 
 def _shown(path: Path) -> str:

@@ -1053,8 +1053,8 @@ def _write_outputs(cfg, tasks, loglik_sum, count, jsd_sum, tok_by_task, progress
     """likelihoods.npz (with ``measured``), jsd.npz (the JSD sums per proxy pair), the heatmap and the
     default-hyperparameter mixture.json."""
     from taskpgm_ray.distributed.solve import affinity_from_sums, mixture_caps, solve_from_sums
+    from taskpgm_ray.figures import plot_affinity
     from taskpgm_ray.mixture_file import save_likelihoods, write_mixture
-    from taskpgm_ray.report import plot_affinity
 
     out = Path(cfg.output_dir)
     names = [t.name for t in tasks]
