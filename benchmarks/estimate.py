@@ -44,7 +44,8 @@ def bench_scoring(cfg, lines: list[str]) -> None:
     """Forward-only vs scoring on identical batches, in this process, one thread."""
     import torch
 
-    from taskpgm_ray.distributed.estimation import EstimationActor, make_shards, resolve_proxies, scoring_settings
+    from taskpgm_ray.distributed.estimation import resolve_proxies
+    from taskpgm_ray.distributed.scoring import EstimationActor, make_shards, scoring_settings
     from taskpgm_ray.models import collate, encode_example, ensure_proxy_tokenizer
     from taskpgm_ray.tasks import load_tasks
 
@@ -96,22 +97,19 @@ def bench_actors(cfg, lines: list[str]) -> None:
 
 def bench_anytime(cfg, lines: list[str]) -> None:
     """Replay the scored shards through the optimiser in round-robin order (and shuffled variants)."""
-    from taskpgm_ray.distributed.estimation import (
-        _read_shard,
-        _shard_sums,
-        make_shards,
-        resolve_proxies,
-        scoring_settings,
-    )
+    from taskpgm_ray.distributed.estimation import resolve_proxies
     from taskpgm_ray.distributed.optimizer import MixtureOptimizer
+    from taskpgm_ray.distributed.scoring import make_shards, scoring_settings
+    from taskpgm_ray.distributed.shard_cache import read_shard
     from taskpgm_ray.distributed.solve import mixture_caps
+    from taskpgm_ray.distributed.sums import shard_sums
     from taskpgm_ray.tasks import load_tasks
 
     tasks = load_tasks(cfg)
     order = [p.hash for p in resolve_proxies(cfg, tasks)]
     shards = make_shards(tasks, cfg.estimation.shard_size, scoring_settings(cfg))
     shard_dir = Path(cfg.output_dir) / "estimate" / "shards"
-    sums = [_shard_sums(s, _read_shard(shard_dir / f"{s.key}.npz"), order, cfg.estimation.jsd,
+    sums = [shard_sums(s, read_shard(shard_dir / f"{s.key}.npz"), order, cfg.estimation.jsd,
                         cfg.estimation.info_prompts) for s in shards]
     rule = cfg.estimation.stop_when_stable
     needed, loose, stops, errors = [], [], [], []

@@ -61,7 +61,7 @@ def doc_lengths(task: str) -> list[int]:
 
 
 def apportion(shares: dict[str, float], total: int) -> dict[str, int]:
-    from taskpgm_ray.mixture_file import _apportion
+    from taskpgm_ray.exporters import _apportion
 
     return _apportion(shares, total)
 
@@ -330,7 +330,7 @@ def axolotl(work: str) -> None:
         seen.setdefault(task, []).extend(ds["prompt"])
     total = sum(rows.values())
     print(f"  load_dataset_with_config + shuffle(seed={seed}).shard(...): {total} rows; per task {dict(rows)}")
-    from taskpgm_ray.mixture_file import parse_export
+    from taskpgm_ray.exporters import parse_export
 
     with open(os.path.join(work, "mixture_axolotl.yaml")) as f:
         meant = parse_export(f.read(), "axolotl", sizes={os.path.join(work, "data", f"{t}.jsonl"): n

@@ -137,7 +137,8 @@ def forward_vs_scoring(cfg, gpu: bool, repeats: int = 3) -> dict:
     model (the first proxy) and the same probe batches; best of ``repeats`` each."""
     import torch
 
-    from taskpgm_ray.distributed.estimation import EstimationActor, make_shards, resolve_proxies, scoring_settings
+    from taskpgm_ray.distributed.estimation import resolve_proxies
+    from taskpgm_ray.distributed.scoring import EstimationActor, make_shards, scoring_settings
     from taskpgm_ray.models import IGNORE_INDEX, collate, encode_example, ensure_proxy_tokenizer
     from taskpgm_ray.tasks import load_tasks
 

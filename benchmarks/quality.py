@@ -114,7 +114,7 @@ def run_seed(seed: int, s: dict, out_root: Path, spec: str | None, summarize_onl
     roles = {t["name"]: t["role"] for t in manifest["tasks"]}
     signal = json.loads((out / "estimate" / "signal.json").read_text())
     if any("nearest_informative" not in t for t in signal["tasks"].values()):  # written by an older version
-        from taskpgm_ray.distributed.estimation import signal_checks
+        from taskpgm_ray.mixture.signal import signal_checks
 
         with np.load(out / "estimate" / "examples.npz") as f:
             examples = {k: f[k] for k in f.files}

@@ -427,8 +427,9 @@ def solve(lik_path: str, out: str, affinity: str, jsd_path: str | None, kernel: 
 def export(mixture_path: str, to: str, names_path: str | None, num_samples: int | None,
            mean_tokens_path: str | None, seed: int, out: str | None) -> None:
     """The mixture in another framework's format (weight-0 tasks left out, the rest renormalised)."""
+    from taskpgm_ray.exporters import build_export, merge_dataset_info, read_mean_tokens, read_names
     from taskpgm_ray.io import atomic_write_text
-    from taskpgm_ray.mixture_file import build_export, merge_dataset_info, read_mean_tokens, read_mixture, read_names
+    from taskpgm_ray.mixture_file import read_mixture
 
     result = build_export(read_mixture(mixture_path), to,
                           names=read_names(names_path) if names_path else None, num_samples=num_samples,

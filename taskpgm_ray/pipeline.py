@@ -380,7 +380,7 @@ def selected_certainty(cfg: Config, tasks: list) -> dict[str, Any] | None:
     is for), which the report shows beside the mixture. None (and no file) otherwise: a baseline was selected, or
     the energy is the config's, whose bound the report takes from the estimate stage.
     """
-    from taskpgm_ray.distributed.estimation import active_certainty
+    from taskpgm_ray.distributed.active_driver import active_certainty
 
     out = Path(cfg.output_dir)
     path = out / "select" / "certainty.json"

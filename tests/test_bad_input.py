@@ -17,7 +17,8 @@ import pytest
 from taskpgm_ray.cli import main
 from taskpgm_ray.config import ConfigError, config_from_dict
 from taskpgm_ray.errors import BadInput
-from taskpgm_ray.mixture_file import SIGNAL_ARRAYS, build_export, read_mixture, save_likelihoods
+from taskpgm_ray.exporters import build_export
+from taskpgm_ray.mixture_file import SIGNAL_ARRAYS, read_mixture, save_likelihoods
 
 UNSAFE = "is not a safe name: use letters, digits and . _ - + = @"
 

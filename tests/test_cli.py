@@ -165,7 +165,8 @@ def test_the_reference_solve_and_kkt_check_catch_a_wrong_mixture():
 def test_solve_writes_the_contract_mixture_and_exports_round_trip(tmp_path, capsys):
     import numpy as np
 
-    from taskpgm_ray.mixture_file import parse_export, read_mixture
+    from taskpgm_ray.exporters import parse_export
+    from taskpgm_ray.mixture_file import read_mixture
 
     lik = _likelihoods(tmp_path / "L.npz")
     out = tmp_path / "m.json"
@@ -417,12 +418,12 @@ def test_set_needs_key_and_yaml_value(tmp_path, capsys):
 
 @pytest.mark.parametrize("internal", [KeyError("weights"), ValueError("operands could not be broadcast")])
 def test_an_internal_key_or_value_error_is_not_reported_as_bad_input(tmp_path, capsys, monkeypatch, internal):
-    import taskpgm_ray.mixture_file as mixture_file
+    import taskpgm_ray.exporters as exporters
 
     def broken(*args, **kwargs):  # a bug inside the export, not a problem with the user's file
         raise internal
 
-    monkeypatch.setattr(mixture_file, "build_export", broken)
+    monkeypatch.setattr(exporters, "build_export", broken)
     mixture = _hand_written(tmp_path / "m.json", {"a": 0.5, "b": 0.5})
     assert main(["export", str(mixture), "--to", "hf"]) == 1
     err = capsys.readouterr().err

@@ -16,15 +16,9 @@ import pytest
 import yaml
 
 from taskpgm_ray.config import TEST_CONFIG, config_from_dict
-from taskpgm_ray.distributed.estimation import (
-    EstimationActor,
-    EstimationError,
-    estimate_command,
-    make_shards,
-    resolve_proxies,
-    scoring_settings,
-)
+from taskpgm_ray.distributed.estimation import estimate_command, resolve_proxies
 from taskpgm_ray.distributed.probes import probe_command, probe_dir
+from taskpgm_ray.distributed.scoring import EstimationActor, EstimationError, make_shards, scoring_settings
 from taskpgm_ray.report import estimation_markdown
 from taskpgm_ray.tasks import load_tasks
 
@@ -345,7 +339,7 @@ def test_active_estimation_scores_part_of_the_pairs_and_resumes(probed, tmp_path
     # The bound is for one energy's mixture. Redone from estimate/active.npz for the config's energy it is the
     # stage's own last check; for a Tune trial's energy (select/certainty.json) it is that mixture's own bound,
     # and the report says which mixture it is for.
-    from taskpgm_ray.distributed.estimation import active_certainty
+    from taskpgm_ray.distributed.active_driver import active_certainty
     from taskpgm_ray.pipeline import selected_certainty
 
     tasks = load_tasks(cfg)

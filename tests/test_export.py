@@ -1,7 +1,7 @@
 """Exports read the way each tool reads them: the hf snippet run with the real `datasets`, LLaMA-Factory's
 dataset_info.json and training keys, axolotl's `datasets` entries and shard subsets, Megatron's blend.
 
-The formats are those each project documents (see the comment above the exports in taskpgm_ray/mixture_file.py);
+The formats are those each project documents (see the comment above the exports in taskpgm_ray/exporters.py);
 the parsers below follow the tools' own code paths (named in each helper) on small in-memory datasets.
 """
 
@@ -18,7 +18,7 @@ import yaml
 from datasets import Dataset, concatenate_datasets
 from scipy.stats import chisquare
 
-from taskpgm_ray import mixture_file as mf
+from taskpgm_ray import exporters as ex
 
 # Two tasks of weight 0 among five: the case that broke the old hf export (issue 15).
 WEIGHTS = {"alpaca": 0.45, "noise": 0.0, "gsm8k": 0.35, "junk": 0.0, "code": 0.2}
@@ -45,7 +45,7 @@ def run_snippet(text: str) -> dict:
 
 @pytest.mark.parametrize("strategy", ["first_exhausted", "all_exhausted"])
 def test_hf_snippet_runs_with_real_datasets_and_samples_the_weights(strategy):
-    text = mf.export_mixture(MIXTURE, "hf")
+    text = ex.export_mixture(MIXTURE, "hf")
     assert "# Left out (weight 0): noise, junk" in text
     ns = run_snippet(text)
     assert ns["DATASETS"] == ["alpaca", "gsm8k", "code"]
@@ -67,7 +67,7 @@ def test_hf_snippet_runs_as_a_script_on_save_to_disk_folders(tmp_path):
         DatasetDict({"train": rows(t, 50)}).save_to_disk(str(tmp_path / t))
         names[t] = str(tmp_path / t)
     script = tmp_path / "mixture_hf.py"
-    script.write_text(mf.export_mixture(MIXTURE, "hf", names=names))
+    script.write_text(ex.export_mixture(MIXTURE, "hf", names=names))
     p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().endswith("rows from 3 datasets")
@@ -77,8 +77,8 @@ def test_hf_converts_token_weights_to_example_probabilities():
     mixture = {**MIXTURE, "weight_unit": "tokens"}
     with pytest.raises(ValueError, match=r"hf samples examples, but this mixture's weights count tokens .* "
                                          r"missing for alpaca, gsm8k, code"):
-        mf.export_mixture(mixture, "hf")
-    back = mf.parse_export(mf.export_mixture(mixture, "hf", mean_tokens=MEAN_TOKENS), "hf")
+        ex.export_mixture(mixture, "hf")
+    back = ex.parse_export(ex.export_mixture(mixture, "hf", mean_tokens=MEAN_TOKENS), "hf")
     need = {t: w / MEAN_TOKENS[t] for t, w in KEPT.items()}  # examples that carry the token shares
     for t in KEPT:
         assert back[t] == pytest.approx(need[t] / sum(need.values()), rel=1e-12)
@@ -120,7 +120,7 @@ def split_llamafactory(text: str) -> tuple[dict, dict]:
 
 @pytest.mark.parametrize("num_samples", [None, 9000])
 def test_llamafactory_output_loads_as_llamafactory_reads_it(num_samples):
-    result = mf.build_export(MIXTURE, "llamafactory", num_samples=num_samples,
+    result = ex.build_export(MIXTURE, "llamafactory", num_samples=num_samples,
                              names={"gsm8k": {"hf_hub_url": "openai/gsm8k", "subset": "main",
                                               "columns": {"prompt": "question", "response": "answer"}}})
     args = yaml.safe_load(result.files["mixture_llamafactory.yaml"])
@@ -147,11 +147,11 @@ def test_llamafactory_output_loads_as_llamafactory_reads_it(num_samples):
 
 def test_llamafactory_needs_a_budget_or_sizes_and_a_source_key():
     with pytest.raises(ValueError, match=r"llamafactory export needs --num-samples N .* no size for task\(s\) a"):
-        mf.export_mixture({"weights": {"a": 1.0}}, "llamafactory")
+        ex.export_mixture({"weights": {"a": 1.0}}, "llamafactory")
     with pytest.raises(ValueError, match=r"the dataset_info.json entry for 'a' needs one of file_name, hf_hub_url"):
-        mf.export_mixture({"weights": {"a": 1.0}}, "llamafactory", num_samples=10, names={"a": {"split": "train"}})
+        ex.export_mixture({"weights": {"a": 1.0}}, "llamafactory", num_samples=10, names={"a": {"split": "train"}})
     # a task whose share rounds to no example at this budget is left out like a weight-0 one
-    text = mf.export_mixture({"weights": {"a": 0.999, "b": 0.001}}, "llamafactory", num_samples=100)
+    text = ex.export_mixture({"weights": {"a": 0.999, "b": 0.001}}, "llamafactory", num_samples=100)
     assert "# Left out (0 examples at 100 in all): b" in text and "dataset: a\n" in text
 
 
@@ -187,7 +187,7 @@ def axolotl_load(cfg: dict, sources: dict[str, Dataset]) -> Dataset:
 @pytest.mark.parametrize("num_samples", [None, 12000])
 def test_axolotl_output_loads_as_axolotl_reads_it(num_samples):
     names = {"alpaca": {"path": "tatsu-lab/alpaca", "type": "alpaca"}, "code": "data/code.jsonl"}
-    text = mf.export_mixture(MIXTURE, "axolotl", names=names, num_samples=num_samples, seed=3)
+    text = ex.export_mixture(MIXTURE, "axolotl", names=names, num_samples=num_samples, seed=3)
     cfg = yaml.safe_load(text)
     assert cfg["seed"] == 3 and {e["path"] for e in cfg["datasets"]} == {"tatsu-lab/alpaca", "gsm8k", "data/code.jsonl"}
     assert all(e["split"] == "train" for e in cfg["datasets"])
@@ -197,7 +197,7 @@ def test_axolotl_output_loads_as_axolotl_reads_it(num_samples):
     sources = {p: rows(p, n) for p, n in sizes.items()}
     merged = axolotl_load(cfg, sources)
     counts = Counter(merged["source"])
-    shares = mf.parse_export(text, "axolotl", sizes=sizes)
+    shares = ex.parse_export(text, "axolotl", sizes=sizes)
     assert counts == Counter({p: round(s * len(merged)) for p, s in shares.items()})
     budget = num_samples or 3428
     assert abs(len(merged) - budget) <= 3  # a partial dataset may come out a few rows short of its count
@@ -225,9 +225,9 @@ def test_megatron_blend_is_token_shares_with_prefixes_from_names(tmp_path):
 
     with pytest.raises(ValueError, match=r"megatron blends token sequences, but this mixture's weights count "
                                          r"examples .* give --mean-tokens FILE .* missing for alpaca, gsm8k, code"):
-        mf.export_mixture(MIXTURE, "megatron")
+        ex.export_mixture(MIXTURE, "megatron")
     names = {t: f"/data/{t}_text_document" for t in KEPT}
-    result = mf.build_export(MIXTURE, "megatron", names=names, mean_tokens=MEAN_TOKENS)
+    result = ex.build_export(MIXTURE, "megatron", names=names, mean_tokens=MEAN_TOKENS)
     line = [x for x in result.text.splitlines() if not x.startswith("#")]
     assert len(line) == 1 and line[0].startswith("--data-path ")
     printed = get_blend_from_list(shlex.split(line[0])[1:])
@@ -239,7 +239,7 @@ def test_megatron_blend_is_token_shares_with_prefixes_from_names(tmp_path):
     for t, w in zip(KEPT, np.array(weights) / sum(weights)):
         assert w == pytest.approx(tokens[t] / sum(tokens.values()), rel=1e-12)
     # a mixture already in tokens is blended as it is
-    _, same = get_blend_from_list(mf.build_export({**MIXTURE, "weight_unit": "tokens"}, "megatron").files[
+    _, same = get_blend_from_list(ex.build_export({**MIXTURE, "weight_unit": "tokens"}, "megatron").files[
         "megatron_data_args.txt"].split())
     assert same == pytest.approx([w / sum(KEPT.values()) for w in KEPT.values()], rel=1e-15)
 
@@ -247,13 +247,13 @@ def test_megatron_blend_is_token_shares_with_prefixes_from_names(tmp_path):
 # --- every target, with weight-0 tasks -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("to", mf.EXPORTS)
+@pytest.mark.parametrize("to", ex.EXPORTS)
 def test_every_export_leaves_weight_zero_out_and_parses(to):
-    result = mf.build_export(MIXTURE, to, mean_tokens=MEAN_TOKENS)
+    result = ex.build_export(MIXTURE, to, mean_tokens=MEAN_TOKENS)
     assert "left out (weight 0): noise, junk" in result.notes
     if to != "json":
         assert "# Left out (weight 0): noise, junk\n" in result.text
-    back = mf.parse_export(result.text, to, sizes=SIZES)
+    back = ex.parse_export(result.text, to, sizes=SIZES)
     assert set(back) == set(KEPT) and sum(back.values()) == pytest.approx(1.0, abs=1e-12)
     for text in result.files.values():
         assert "noise" not in text.replace("Left out (weight 0): noise, junk", "")
@@ -261,22 +261,22 @@ def test_every_export_leaves_weight_zero_out_and_parses(to):
 
 def test_names_must_name_mixture_tasks_and_be_distinct():
     with pytest.raises(ValueError, match=r"--names: task\(s\) 'alpacaa' not in the mixture \(its tasks: alpaca, "):
-        mf.export_mixture(MIXTURE, "hf", names={"alpacaa": "x"})
+        ex.export_mixture(MIXTURE, "hf", names={"alpacaa": "x"})
     with pytest.raises(ValueError, match=r"--names: tasks 'alpaca' and 'gsm8k' both map to 'x'"):
-        mf.export_mixture(MIXTURE, "hf", names={"alpaca": "x", "gsm8k": "x"})
+        ex.export_mixture(MIXTURE, "hf", names={"alpaca": "x", "gsm8k": "x"})
     with pytest.raises(ValueError, match=r"--names: 'alpaca' maps to a mapping, but --to megatron needs a string"):
-        mf.export_mixture(MIXTURE, "megatron", names={"alpaca": {"path": "x"}}, mean_tokens=MEAN_TOKENS)
+        ex.export_mixture(MIXTURE, "megatron", names={"alpaca": {"path": "x"}}, mean_tokens=MEAN_TOKENS)
     with pytest.raises(ValueError, match=r"--num-samples applies to --to llamafactory and axolotl, not hf"):
-        mf.export_mixture(MIXTURE, "hf", num_samples=10)
+        ex.export_mixture(MIXTURE, "hf", num_samples=10)
 
 
 def test_mean_tokens_from_a_mapping_or_a_train_summary(tmp_path):
     (tmp_path / "m.yaml").write_text("alpaca: 120\ngsm8k: 200.5\n")
-    assert mf.read_mean_tokens(str(tmp_path / "m.yaml")) == {"alpaca": 120.0, "gsm8k": 200.5}
+    assert ex.read_mean_tokens(str(tmp_path / "m.yaml")) == {"alpaca": 120.0, "gsm8k": 200.5}
     summary = {"samples_per_task": {"alpaca": 10, "gsm8k": 4, "noise": 0},
                "tokens_per_task": {"alpaca": 1200, "gsm8k": 800, "noise": 0}}
     (tmp_path / "summary.json").write_text(json.dumps(summary))
-    assert mf.read_mean_tokens(str(tmp_path / "summary.json")) == {"alpaca": 120.0, "gsm8k": 200.0}
+    assert ex.read_mean_tokens(str(tmp_path / "summary.json")) == {"alpaca": 120.0, "gsm8k": 200.0}
     (tmp_path / "bad.yaml").write_text("alpaca: -3\n")
     with pytest.raises(ValueError, match=r"bad\.yaml: mean tokens for task 'alpaca' must be a number > 0, got -3"):
-        mf.read_mean_tokens(str(tmp_path / "bad.yaml"))
+        ex.read_mean_tokens(str(tmp_path / "bad.yaml"))

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from taskpgm_ray import exporters as ex
 from taskpgm_ray import mixture_file as mf
 
 WEIGHTS = {"alpaca": 0.5, "gsm8k": 0.3, "code": 0.2, "noise": 0.0}
@@ -187,8 +188,8 @@ def test_load_likelihoods_refuses_what_is_not_a_plain_npz(tmp_path):
 def test_exports_round_trip(to):
     mixture = {"weights": {"a": 0.1234567890123, "b": 0.5, "c": 0.3765432109877, "d": 0.0}, "sizes": SIZES,
                "weight_unit": "tokens" if to == "megatron" else "examples"}  # megatron blends tokens: no conversion
-    text = mf.export_mixture(mixture, to)
-    back = mf.parse_export(text, to)
+    text = ex.export_mixture(mixture, to)
+    back = ex.parse_export(text, to)
     assert "d" not in back  # weight 0: left out
     for task, w in mixture["weights"].items():
         assert back.get(task, 0.0) == pytest.approx(w, abs=1e-15)
@@ -196,7 +197,7 @@ def test_exports_round_trip(to):
 
 def test_llamafactory_export_round_trips_to_whole_examples():
     mixture = {"weights": {"a": 0.1234567890123, "b": 0.5, "c": 0.3765432109877, "d": 0.0}}
-    back = mf.parse_export(mf.export_mixture(mixture, "llamafactory", num_samples=100_000), "llamafactory")
+    back = ex.parse_export(ex.export_mixture(mixture, "llamafactory", num_samples=100_000), "llamafactory")
     assert "d" not in back
     for task, w in mixture["weights"].items():
         assert back.get(task, 0.0) == pytest.approx(w, abs=0.5 / 100_000)  # rounded to whole examples
@@ -204,25 +205,25 @@ def test_llamafactory_export_round_trips_to_whole_examples():
 
 def test_export_formats_look_right():
     mixture = {"weights": {"a": 0.25, "b": 0.75}, "weight_unit": "tokens"}
-    assert mf.export_mixture(mixture, "megatron").endswith("\n--data-path 0.25 a 0.75 b\n")
-    lf = mf.export_mixture({"weights": {"a": 0.25, "b": 0.75}}, "llamafactory", num_samples=4)
+    assert ex.export_mixture(mixture, "megatron").endswith("\n--data-path 0.25 a 0.75 b\n")
+    lf = ex.export_mixture({"weights": {"a": 0.25, "b": 0.75}}, "llamafactory", num_samples=4)
     assert "dataset: a,b\n" in lf and "mix_strategy: concat\n" in lf and "interleave_probs" not in lf
-    assert "PROBABILITIES = [0.25, 0.75]" in mf.export_mixture({"weights": {"a": 0.25, "b": 0.75}}, "hf")
+    assert "PROBABILITIES = [0.25, 0.75]" in ex.export_mixture({"weights": {"a": 0.25, "b": 0.75}}, "hf")
     with pytest.raises(ValueError, match=r"unknown export format 'fairseq'"):
-        mf.export_mixture(mixture, "fairseq")
+        ex.export_mixture(mixture, "fairseq")
     with pytest.raises(
         ValueError, match=r"axolotl export needs each task's number of training examples .* no size for task\(s\) a, b"
     ):
-        mf.export_mixture({"weights": {"a": 0.25, "b": 0.75}}, "axolotl")
+        ex.export_mixture({"weights": {"a": 0.25, "b": 0.75}}, "axolotl")
 
 
 def test_axolotl_export_down_samples_and_round_trips():
     weights = {"alpaca": 0.5, "gsm8k": 0.3, "code": 0.2, "noise": 0.0}
-    text = mf.export_mixture({"weights": weights, "sizes": SIZES}, "axolotl")
+    text = ex.export_mixture({"weights": weights, "sizes": SIZES}, "axolotl")
     assert "no per-dataset weight" in text and "- path: noise" not in text and "Left out (weight 0): noise" in text
     # the largest need (w / N): gsm8k 0.3/400 -> kept whole, and no example repeats
     assert "gsm8k: 400 examples = 1 x all 400; target 400" in text
-    back = mf.parse_export(text, "axolotl", sizes=SIZES)
+    back = ex.parse_export(text, "axolotl", sizes=SIZES)
     for task, w in weights.items():
         # disjoint shards hold the kept counts, or (rarely) a few rows fewer: shares within 2e-3
         assert back.get(task, 0.0) == pytest.approx(w, abs=2e-3)

@@ -288,8 +288,8 @@ def test_lora_probe_and_scoring_per_family(family, checkpoints, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from taskpgm_ray.distributed.estimation import BASE, EstimationActor, Proxy, make_shards, scoring_settings
     from taskpgm_ray.distributed.probes import train_probe
+    from taskpgm_ray.distributed.scoring import BASE, EstimationActor, Proxy, make_shards, scoring_settings
     from taskpgm_ray.models import response_logprobs
     from taskpgm_ray.tasks import load_tasks
 

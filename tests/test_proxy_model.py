@@ -14,8 +14,8 @@ import torch
 import yaml
 
 from taskpgm_ray.config import TEST_CONFIG, ConfigError, config_from_dict
-from taskpgm_ray.distributed.estimation import scoring_settings
 from taskpgm_ray.distributed.probes import probe_dir
+from taskpgm_ray.distributed.scoring import scoring_settings
 from taskpgm_ray.models import build_byte_tokenizer, ensure_proxy_tokenizer
 from taskpgm_ray.pipeline import Pipeline
 

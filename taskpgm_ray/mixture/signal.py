@@ -258,3 +258,72 @@ def affinity_snr(per_example: Sequence[np.ndarray], *, n_boot: int = 200, seed: 
     boot_nearest = np.argmax(np.where(off[None], boots, -np.inf), axis=2)  # (n_boot, n)
     stability = [float(np.mean(boot_nearest[:, i] == nearest[i])) for i in range(n)]
     return AffinitySignal(S, noise, snr, nearest, stability, n_boot)
+
+
+# The affinity "has signal" when its SNR is at least this (a proxy "learned": mixture.signal.MIN_GAIN).
+MIN_SNR = 2.0
+
+
+def signal_checks(names: list[str], examples: dict[str, np.ndarray], *, n_boot: int = 200,
+                  seed: int = 0) -> dict:
+    """Did each proxy learn its task, does each task's output depend on its input, and can the affinity be
+    told from noise: the ``estimate/signal.json`` content, with plain-language ``warnings``."""
+    n = len(names)
+    col = [np.flatnonzero(examples["task"] == j) for j in range(n)]
+    own = [examples["loglik"][j, c] for j, c in enumerate(col)]
+    base = [examples["base"][c] for c in col]
+    rot = [c[np.isfinite(examples["own_information"][c])] for c in col]
+    gains = proxy_gains(own, base, n_boot=n_boot, seed=seed)
+    info = input_information(*([examples[k][r] for r in rot] for k in ("own_information", "base_information",
+                                                                       "information_bound", "n_tokens")),
+                             n_boot=n_boot, seed=seed)
+    # The affinity's signal-to-noise needs every proxy on every example (not so after active estimation).
+    complete = bool(np.all(np.isfinite(examples["loglik"])))
+    snr = affinity_snr([examples["loglik"][:, c] for c in col], n_boot=n_boot, seed=seed) \
+        if n >= 2 and complete else None
+    # The same per-task sums the energy sees, so that `output_only` here is what the solver would apply.
+    x = [examples["own_information"][r] for r in rot]
+    sums = {"base_loglik_sum": np.array([b.sum() for b in base]), "information_sum": np.array([v.sum() for v in x]),
+            "information_sq_sum": np.array([np.sum(v**2) for v in x]),
+            "information_bound_sum": np.array([examples["information_bound"][r].sum() for r in rot]),
+            "information_count": np.array([len(r) for r in rot])}
+    flagged = output_only(sums, np.array([o.sum() for o in own]), np.array([len(c) for c in col]))
+    tasks, warnings = {}, []
+    for j, name in enumerate(names):
+        g, inf = gains[j], info[j]
+        learned = bool(np.isfinite(g.low) and g.low > 0 and g.gain >= MIN_GAIN)
+        tasks[name] = {"base_nll": g.base_nll, "proxy_nll": g.proxy_nll, "gain": g.gain, "gain_low": g.low,
+                       "gain_high": g.high, "learned": learned, "examples": g.examples,
+                       "information": inf.proxy, "information_low": inf.low, "information_high": inf.high,
+                       "information_bound": inf.bound, "information_fraction": inf.proxy / inf.bound
+                       if inf.bound > 0 else float("nan"), "information_per_token": inf.per_token,
+                       "base_information": inf.base, "information_gain": inf.gain,
+                       "output_only": bool(flagged is not None and flagged[j])}
+        if snr is not None:
+            # Under log-likelihood, a proxy that learned no input-output mapping (noise) hedges over every
+            # answer and so looks near every task; the nearest *informative* task leaves those out.
+            informative = [k for k in range(n) if k != j and np.isfinite(info[k].low) and info[k].low > 0]
+            near = max(informative, key=lambda k: snr.affinity[j, k]) if informative else None
+            tasks[name].update(nearest=names[snr.nearest[j]], nearest_stability=snr.nearest_stability[j],
+                               nearest_informative=names[near] if near is not None else None)
+        if not learned:
+            warnings.append(f"the proxy of task {name!r} did not learn it: NLL {g.base_nll:.2f} -> {g.proxy_nll:.2f} "
+                            f"nats/example ({g.gain:+.1%}, 90% interval {g.low:+.1%} to {g.high:+.1%}); raise "
+                            f"probes.steps or probes.lr, or check the task's data")
+        elif tasks[name]["output_only"]:
+            warnings.append(f"task {name!r}: its proxy learned the answers (NLL {-g.gain:+.0%}) but not their "
+                            f"dependence on the prompt (information {inf.proxy:+.2f} of at most {inf.bound:.2f} "
+                            f"nats/example): its targets are noise, or a skill beyond the proxy (a proxy's "
+                            f"failure is no evidence about the target); it keeps its prior share")
+    out = {"tasks": tasks, "thresholds": {"min_gain": MIN_GAIN, "min_snr": MIN_SNR}, "resamples": n_boot,
+           "interval": 0.90}
+    if snr is not None:
+        out["affinity"] = {"snr": snr.snr, "noise_rms": float(np.sqrt(np.mean(snr.noise[~np.eye(n, dtype=bool)] ** 2))),
+                           "has_signal": bool(snr.snr >= MIN_SNR)}
+        if snr.snr < MIN_SNR:
+            warnings.append(f"the PMI affinity cannot be told from noise (signal-to-noise {snr.snr:.2f} < "
+                            f"{MIN_SNR:g}): the mixture rests on sampling noise; add probe examples "
+                            f"(splits.max_probe) or train the proxies longer")
+    out["learned"] = sum(t["learned"] for t in tasks.values())
+    out["warnings"] = warnings
+    return out
