@@ -4,16 +4,21 @@ temperature sampling, each fine-tuned with the same budget and scored on the TES
 Every method gets the run's final fine-tune (``train``: steps x micro batch x accumulation x workers, the
 same learning rate and schedule); per seed, ``train.seed`` is the seed. Scores are the per-task mean
 response-token NLL on each task's test split, which no selection ever saw (Tune selects on the validation
-split); the metric is their mean over the scored tasks (``tasks[*].score``). Which mixtures:
+split); the metric is their mean over the scored tasks (``tasks[*].score``). One protocol: every mixture
+trains within the same caps and floor (``solve.constrained``), and results.json records the weights trained
+and the tokens. Which mixtures:
 
 - ``taskpgm``: the best TaskPGM trial of ``tune/results.json`` when Tune ran, else ``estimate/mixture.json``;
 - ``uniform``, ``size``; ``temperature`` with T chosen on validation (the best temperature trial of Tune; the
-  first of ``tune.temperatures`` without one);
+  middle of Tune's candidates without one);
+- ``pick``: the run's ``mixture.json``, what the select stage handed the user;
+- the ablations of the TaskPGM trial's energy, solved from the run's sums: ``taskpgm-no-pairwise`` (lam 0),
+  ``taskpgm-no-unary`` (beta 0) and ``paper`` (``config.PAPER_ENERGY``);
 - every ``--mixture FILE``, by its file stem.
 
-Each fine-tune is cached under ``compare/runs/`` by (method, weights, train settings, tasks, seed), so a
-re-run only trains what is new. Writes ``compare/results.json`` (CONTRACT.md), ``compare/summary.md`` and
-``compare/compare.png``.
+Each fine-tune is cached under ``compare/runs/`` by (weights, train settings, tasks, seed): a re-run only trains
+what is new, and methods with the same weights share one fine-tune. Writes ``compare/results.json``
+(CONTRACT.md), ``compare/summary.md`` and ``compare/compare.png``.
 
 Ray touch-points (in ``compare_command``): ``ray.put`` (the tasks, once), ``ray.remote(_fit).options`` (one task per
 fine-tune, each building a ``TorchTrainer`` through ``build_trainer``), ``ray.wait`` / ``ray.get``.
@@ -108,9 +113,6 @@ def run_mixtures(cfg: Config, tasks: list[TaskData], extra: list[str | Path] = (
     for m in mixtures.values():
         m["weights"] = constrained(m["weights"], cfg, tasks)
     return mixtures
-
-
-ABLATIONS = ("taskpgm-no-pairwise", "taskpgm-no-unary", "paper")
 
 
 def _trial_energy(cfg: Config, trial: dict[str, Any]):
@@ -214,8 +216,8 @@ def compare_command(cfg: Config, *, mixtures: list[str | Path] = (), seeds: list
                          [(t.name, t.hash) for t in tasks])
             run_dir = out_dir / "compare" / "runs" / f"{method}-seed{seed}-{key}"
             path = run_dir / "summary.json"
-            cached = next((p for p in sorted((out_dir / "compare" / "runs").glob(f"*-seed{seed}-{key}/summary.json"))),
-                          None) if (out_dir / "compare" / "runs").exists() else None
+            # a finished fine-tune of these weights under any method's name (the pick is one of the trials)
+            cached = next(iter(sorted((out_dir / "compare" / "runs").glob(f"*-seed{seed}-{key}/summary.json"))), None)
             if cached is not None:
                 summaries[(seed, method)] = json.loads(cached.read_text())
                 if not path.exists():
