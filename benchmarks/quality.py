@@ -89,27 +89,24 @@ def _summary_of(compare_dir: Path, method: str, seed: int, per_task: dict[str, f
     raise FileNotFoundError(f"{compare_dir}: no {method} fine-tune of seed {seed} matches compare/results.json")
 
 
-def pipe_tasks(cfg):
-    from taskpgm_ray.tasks import load_tasks
-
-    return load_tasks(cfg)
-
-
 def run_seed(seed: int, s: dict, out_root: Path, spec: str | None, summarize_only: bool = False) -> dict:
     """The product path for one seed, then the planted-structure read-outs (``summarize_only``: read a finished
     run's artefacts instead of running anything)."""
     from taskpgm_ray.compare import compare_command
     from taskpgm_ray.pipeline import Pipeline
+    from taskpgm_ray.tasks import load_tasks
 
     t0 = time.time()
     cfg = seed_config(seed, s, out_root, spec)
     out = Path(cfg.output_dir)
     if summarize_only:
         results = json.loads((out / "compare" / "results.json").read_text())
+        tasks = load_tasks(cfg)
     else:
         pipe = Pipeline(cfg)
         pipe.run(until="select")
-        results = compare_command(cfg, seeds=[seed], tasks=pipe.tasks)
+        tasks = pipe.tasks
+        results = compare_command(cfg, seeds=[seed], tasks=tasks)
     manifest = json.loads(next((out / "data").glob(f"synthetic-{seed}-*/suite.json")).read_text())
     roles = {t["name"]: t["role"] for t in manifest["tasks"]}
     signal = json.loads((out / "estimate" / "signal.json").read_text())
@@ -129,9 +126,8 @@ def run_seed(seed: int, s: dict, out_root: Path, spec: str | None, summarize_onl
     from taskpgm_ray.distributed.solve import constrained
     from taskpgm_ray.mixture import baseline_weights
 
-    sizes = json.loads((out / "tasks.json").read_text())["tasks"]
-    q = baseline_weights("temperature", [t["sizes"]["train"] for t in sizes], temperature=cfg.energy.prior_temperature)
-    prior = constrained(dict(zip(names, map(float, q))), cfg, pipe_tasks(cfg))  # the prior share, within the caps
+    q = baseline_weights("temperature", [len(t.train) for t in tasks], temperature=cfg.energy.prior_temperature)
+    prior = constrained(dict(zip([t.name for t in tasks], map(float, q))), cfg, tasks)  # the prior share, in the caps
     pick = row["weights"].get("pick", row["weights"]["taskpgm"])
     compare_dir = out / "compare" / "runs"
     accuracy = {m: _summary_of(compare_dir, m, seed, row["per_task"][m])["eval_accuracy_per_task"]

@@ -59,7 +59,7 @@ def run_mixtures(cfg: Config, tasks: list[TaskData], extra: list[str | Path] = (
     from taskpgm_ray.distributed.solve import constrained
     from taskpgm_ray.mixture import baseline_weights
     from taskpgm_ray.mixture_file import read_mixture
-    from taskpgm_ray.tune import temperature_candidates
+    from taskpgm_ray.tune import temperature_candidates, trial_energy
 
     out_dir = Path(cfg.output_dir)
     names = [t.name for t in tasks]
@@ -74,7 +74,7 @@ def run_mixtures(cfg: Config, tasks: list[TaskData], extra: list[str | Path] = (
         best = min(taskpgm_trials, key=lambda t: t["validation_loss"])
         mixtures["taskpgm"] = {"weights": best["weights"], "source": "tune/results.json (best TaskPGM trial)",
                                "hyperparameters": best["hyperparameters"], "validation_loss": best["validation_loss"]}
-        energy = _trial_energy(cfg, best)
+        energy = trial_energy(cfg.energy, best["params"])
     elif (out_dir / "estimate" / "mixture.json").exists():
         m = read_mixture(str(out_dir / "estimate" / "mixture.json"))
         mixtures["taskpgm"] = {"weights": m["weights"], "source": "estimate/mixture.json",
@@ -113,13 +113,6 @@ def run_mixtures(cfg: Config, tasks: list[TaskData], extra: list[str | Path] = (
     for m in mixtures.values():
         m["weights"] = constrained(m["weights"], cfg, tasks)
     return mixtures
-
-
-def _trial_energy(cfg: Config, trial: dict[str, Any]):
-    """The energy settings a TaskPGM trial solved with (its recorded hyperparameters over the config's)."""
-    fields = {f.name for f in dataclasses.fields(cfg.energy)}
-    hyper = {k: v for k, v in (trial.get("hyperparameters") or {}).items() if k in fields}
-    return dataclasses.replace(cfg.energy, **hyper, affinity=trial.get("affinity") or cfg.energy.affinity)
 
 
 def _ablations(cfg: Config, tasks: list[TaskData], energy) -> dict[str, dict[str, Any]]:
