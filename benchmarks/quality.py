@@ -18,7 +18,9 @@ bound; deterministic (non-noise) tasks flagged ``output_only`` and whether a rul
 none does); noise's weight against its prior share; exact match per task. Nothing here chooses a setting.
 
 Writes ``benchmarks/results/quality.{json,txt,png}`` (``--quick``: a small smoke run into /tmp/quality-quick).
-Run directories are cached under ``runs/quality/seed-S``: a re-run resumes.
+Run directories are cached under ``runs/quality/seed-S``: a re-run resumes. ``--variant NAME --set KEY=VALUE``
+runs changed settings (to choose defaults: on the tuning range of worlds only) in their own directories,
+starting from the plain run's proxies, and writes ``quality-<world>-NAME.*``.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def settings(quick: bool) -> dict:
             "steps": 300, "eval_every": 30, "micro_batch": 16}
 
 
-def seed_config(seed: int, s: dict, out_root: Path, spec: str | None):
+def seed_config(seed: int, s: dict, out_root: Path, spec: str | None, overrides: dict | None = None):
     from taskpgm_ray.config import config_from_dict
 
     data = {
@@ -76,7 +78,7 @@ def seed_config(seed: int, s: dict, out_root: Path, spec: str | None):
         "tracking": {"wandb": "disabled"},
         "offline": True,
     }
-    return config_from_dict(data, source=str(ROOT / "benchmarks" / "quality.py"))
+    return config_from_dict(data, source=str(ROOT / "benchmarks" / "quality.py"), overrides=overrides)
 
 
 def _summary_of(compare_dir: Path, method: str, seed: int, per_task: dict[str, float]) -> dict:
@@ -89,7 +91,8 @@ def _summary_of(compare_dir: Path, method: str, seed: int, per_task: dict[str, f
     raise FileNotFoundError(f"{compare_dir}: no {method} fine-tune of seed {seed} matches compare/results.json")
 
 
-def run_seed(seed: int, s: dict, out_root: Path, spec: str | None, summarize_only: bool = False) -> dict:
+def run_seed(seed: int, s: dict, out_root: Path, spec: str | None, summarize_only: bool = False,
+             overrides: dict | None = None) -> dict:
     """The product path for one seed, then the planted-structure read-outs (``summarize_only``: read a finished
     run's artefacts instead of running anything)."""
     from taskpgm_ray.compare import compare_command
@@ -97,7 +100,7 @@ def run_seed(seed: int, s: dict, out_root: Path, spec: str | None, summarize_onl
     from taskpgm_ray.tasks import load_tasks
 
     t0 = time.time()
-    cfg = seed_config(seed, s, out_root, spec)
+    cfg = seed_config(seed, s, out_root, spec, overrides)
     out = Path(cfg.output_dir)
     if summarize_only:
         results = json.loads((out / "compare" / "results.json").read_text())
@@ -265,6 +268,23 @@ def plot(seeds: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def reuse_probes(plain: Path, variant: Path) -> None:
+    """A variant's run directory starts from the plain run's suite and proxies (the stages' keys still decide:
+    a variant that changes what the probes read trains its own)."""
+    import shutil
+
+    if variant.exists() or not (plain / "stages.json").exists():
+        return
+    variant.mkdir(parents=True)
+    for name in ("data", "probes", "tokenizer", "tasks.json"):
+        if (plain / name).is_dir():
+            shutil.copytree(plain / name, variant / name, symlinks=True)
+        elif (plain / name).exists():
+            shutil.copy2(plain / name, variant / name)
+    stages = json.loads((plain / "stages.json").read_text())
+    (variant / "stages.json").write_text(json.dumps({k: v for k, v in stages.items() if k in ("tasks", "probes")}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -275,7 +295,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 seed, tiny budgets: a smoke test")
     parser.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
     parser.add_argument("--summarize", action="store_true", help="only re-read finished runs and rewrite the results")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override (YAML value), e.g. estimation.info_prompts=16; needs --variant")
+    parser.add_argument("--variant", default=None, help="name of this variant of the settings: its own run "
+                        "directories and results (quality-<world>-<variant>); the probes of the plain run are reused")
     args = parser.parse_args()
+    if bool(args.overrides) != bool(args.variant):
+        parser.error("--set and --variant go together: a changed setting is a named variant")
+    import yaml
+
+    overrides = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.overrides)} or None
     if args.quick and args.seeds == [0, 1, 2, 3, 4]:
         args.seeds = [0]
     s = settings(args.quick)
@@ -285,11 +314,14 @@ def main() -> None:
             parser.error("give --spec or --random-world, not both")
         stem = f"world-{args.random_world}"
     tag = "quality-quick" if args.quick else ("quality" if not stem else f"quality-{stem}")
+    plain_root = ROOT / "runs" / tag
+    if args.variant:
+        tag = f"{tag}-{args.variant}"
     out_root = ROOT / "runs" / tag
     if args.random_world is not None:  # a spec file like a hand-written one, then passed on exactly as --spec
         from taskpgm_ray.tasks.worlds import world_yaml
 
-        world = out_root / f"{stem}.yaml"
+        world = plain_root / f"{stem}.yaml"
         world.parent.mkdir(parents=True, exist_ok=True)
         world.write_text(world_yaml(args.random_world))
         args.spec = str(world)
@@ -305,12 +337,16 @@ def main() -> None:
     seeds = []
     for seed in args.seeds:
         print(f"== seed {seed} ({time.time() - t0:.0f}s elapsed)", flush=True)
-        rec = run_seed(seed, s, out_root, args.spec, summarize_only=args.summarize)
+        if args.variant and not args.summarize:
+            reuse_probes(plain_root / f"seed-{seed}", out_root / f"seed-{seed}")
+        rec = run_seed(seed, s, out_root, args.spec, summarize_only=args.summarize, overrides=overrides)
+        rec["overrides"] = overrides
         seeds.append(rec)
         print(f"== seed {seed}: " + ", ".join(f"{m} {v:.4f}" for m, v in rec["test_loss"].items()) +
               f"; {rec['seconds']:.0f}s", flush=True)
         summary = summarize(seeds, s)  # after every seed, so partial results survive
-        name = "quality" if not args.spec else f"quality-{Path(args.spec).stem}"
+        name = ("quality" if not args.spec else f"quality-{Path(args.spec).stem}") + \
+            (f"-{args.variant}" if args.variant else "")
         (out_dir / f"{name}.json").write_text(json.dumps({"seeds": seeds, "settings": s, "summary": summary,
                                                            "command": command}, indent=1, default=float))
         (out_dir / f"{name}.txt").write_text(table(seeds, summary, s, (time.time() - t0) / 60, command))
