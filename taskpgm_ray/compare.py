@@ -4,7 +4,8 @@ temperature sampling, each fine-tuned with the same budget and scored on the TES
 Every method gets the run's final fine-tune (``train``: steps x micro batch x accumulation x workers, the
 same learning rate and schedule); per seed, ``train.seed`` is the seed. Scores are the per-task mean
 response-token NLL on each task's test split, which no selection ever saw (Tune selects on the validation
-split); the metric is their mean over the scored tasks (``tasks[*].score``). One protocol: every mixture
+split); the metric is their mean over the scored tasks (``tasks[*].score``), or with evaluation sets
+(``evaluation:``, a suite's ``eval_only`` tasks) over those, each once. One protocol: every mixture
 trains within the same caps and floor (``solve.constrained``), and results.json records the weights trained
 and the tokens. Which mixtures:
 
@@ -44,6 +45,7 @@ from taskpgm_ray.tasks import TaskData
 
 FORMAT = "taskpgm-compare/1"
 METRIC = "mean test loss over scored tasks"
+EVALUATION_METRIC = "mean test loss over the evaluation sets (each set once)"
 BASELINES = ("uniform", "size", "temperature")
 FIT_CPU = 0.01  # the driver task of one fine-tune holds almost nothing; its Train workers hold the CPUs
 
@@ -145,24 +147,28 @@ def _ablations(cfg: Config, tasks: list[TaskData], energy) -> dict[str, dict[str
 # the fine-tunes
 
 
-def _fit(cfg: Config, tasks: list[TaskData], weights: dict[str, float], run_dir: str) -> dict:
+def _fit(cfg: Config, tasks: list[TaskData], weights: dict[str, float], run_dir: str,
+         evaluation: list[TaskData]) -> dict:
     """One fine-tune scored on the test split (runs as a Ray task so several can share the cluster)."""
     from taskpgm_ray.train import build_trainer
 
-    result = build_trainer(cfg, tasks, weights, run_dir=run_dir, name="compare", eval_split="test").fit()
+    result = build_trainer(cfg, tasks, weights, run_dir=run_dir, name="compare", eval_split="test",
+                           evaluation=evaluation).fit()
     if result.return_value is None:
         raise RuntimeError(f"compare fine-tune in {run_dir} returned no summary ({result.error})")
     return result.return_value
 
 
 def compare_command(cfg: Config, *, mixtures: list[str | Path] = (), seeds: list[int] | None = None,
-                    tasks: list[TaskData] | None = None, progress: StageProgress | None = None) -> dict[str, Any]:
+                    tasks: list[TaskData] | None = None, evaluation: list[TaskData] | None = None,
+                    progress: StageProgress | None = None) -> dict[str, Any]:
     """Fine-tune every mixture with the run's budget for every seed, score on test, write ``compare/``.
 
-    ``progress`` is the live line: fine-tunes finished k/n (cached ones count as finished).
+    ``progress`` is the live line: fine-tunes finished k/n (cached ones count as finished). ``tasks`` and
+    ``evaluation`` default to the config's.
 
     Raises:
-        BadInput: a task without test examples, a bad mixture file, a train config that does not fit, or no
+        BadInput: a scored task without test examples, a bad mixture file, a train config that does not fit, or no
             TaskPGM mixture in the run yet.
     """
     import ray
@@ -170,16 +176,18 @@ def compare_command(cfg: Config, *, mixtures: list[str | Path] = (), seeds: list
     from taskpgm_ray.distributed.cluster import cluster_resources, init_ray
     from taskpgm_ray.hashing import digest
     from taskpgm_ray.models import ensure_run_tokenizer
-    from taskpgm_ray.tasks import load_tasks
+    from taskpgm_ray.tasks import load_evaluation, load_tasks
+    from taskpgm_ray.train.launch import scored_names
     from taskpgm_ray.train.validation import validate_mixture
 
     t0 = time.perf_counter()
     tasks = load_tasks(cfg) if tasks is None else tasks
-    missing = [t.name for t in tasks if not t.test]
+    evaluation = load_evaluation(cfg) if evaluation is None else evaluation
+    scored = scored_names(tasks, evaluation)
+    missing = [t.name for t in tasks if not t.test and t.name in scored]
     if missing:
         raise BadInput(f"compare scores on each task's test split; task(s) {', '.join(map(repr, missing))} have "
-                       f"none: give them a source with a 'test' split")
-    scored = [t.name for t in tasks if t.score] or [t.name for t in tasks]
+                       f"none: give them a source with a 'test' split, or add an `evaluation:` section")
     methods = run_mixtures(cfg, tasks, mixtures)
     for m in methods.values():
         validate_mixture(m["weights"], tasks, cfg)  # every problem before any worker starts
@@ -197,7 +205,8 @@ def compare_command(cfg: Config, *, mixtures: list[str | Path] = (), seeds: list
     if per_fit > have["CPU"] + 1e-9:
         raise BadInput(f"train: a fine-tune needs {per_fit:g} CPUs but the cluster has {have['CPU']:g}")
     fit = ray.remote(_fit).options(num_cpus=FIT_CPU, max_retries=0)
-    tasks_ref = ray.put(tasks)  # once in the object store, not pickled into every fine-tune's arguments
+    # once in the object store, not pickled into every fine-tune's arguments
+    tasks_ref, evaluation_ref = ray.put(tasks), ray.put(list(evaluation))
 
     summaries: dict[tuple[int, str], dict] = {}
     pending: dict[Any, list[tuple[int, str, Path]]] = {}
@@ -206,7 +215,7 @@ def compare_command(cfg: Config, *, mixtures: list[str | Path] = (), seeds: list
         scfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, seed=seed, checkpoint_every=0))
         for method, m in methods.items():
             key = digest(m["weights"], dataclasses.asdict(scfg.train), dataclasses.asdict(cfg.model),
-                         [(t.name, t.hash) for t in tasks])
+                         [(t.name, t.hash) for t in [*tasks, *evaluation]])
             run_dir = out_dir / "compare" / "runs" / f"{method}-seed{seed}-{key}"
             path = run_dir / "summary.json"
             # a finished fine-tune of these weights under any method's name (the pick is one of the trials)
@@ -218,7 +227,7 @@ def compare_command(cfg: Config, *, mixtures: list[str | Path] = (), seeds: list
             elif key in by_key:
                 pending[by_key[key]].append((seed, method, path))
             else:
-                by_key[key] = fit.remote(scfg, tasks_ref, m["weights"], str(run_dir))
+                by_key[key] = fit.remote(scfg, tasks_ref, m["weights"], str(run_dir), evaluation_ref)
                 pending[by_key[key]] = [(seed, method, path)]
     progress = progress or StageProgress()
     waiting = sum(len(v) for v in pending.values())
@@ -231,7 +240,8 @@ def compare_command(cfg: Config, *, mixtures: list[str | Path] = (), seeds: list
             summaries[(seed, method)] = summary
         progress.update(len(summaries), info=f"last finished: {method}, seed {seed}")
 
-    results = _results(tasks, scored, methods, seeds, summaries)
+    metric = EVALUATION_METRIC if evaluation else METRIC
+    results = _results(scored, methods, seeds, summaries, metric)
     results["seconds"] = time.perf_counter() - t0
     atomic_write_json(out_dir / "compare" / "results.json", results)
     atomic_write_text(out_dir / "compare" / "summary.md", summary_markdown(results))
@@ -247,7 +257,7 @@ def _scored_mean(per_task: dict[str, float], scored: list[str]) -> float:
     return float(np.mean([per_task[n] for n in scored]))
 
 
-def _results(tasks, scored, methods, seeds, summaries) -> dict[str, Any]:
+def _results(scored, methods, seeds, summaries, metric: str = METRIC) -> dict[str, Any]:
     """The ``taskpgm-compare/1`` document, plus curves, steps to uniform's loss and the trial/final ranks."""
     rows = []
     for seed in seeds:
@@ -279,7 +289,7 @@ def _results(tasks, scored, methods, seeds, summaries) -> dict[str, Any]:
             row["trial_final_spearman"] = _spearman([val[k] for k in keys], [row["test_loss"][k] for k in keys])
         rows.append(row)
     return {
-        "format": FORMAT, "metric": METRIC, "scored_tasks": scored, "seeds": rows,
+        "format": FORMAT, "metric": metric, "scored_tasks": scored, "seeds": rows,
         "methods": {k: {kk: vv for kk, vv in m.items() if kk != "weights"} for k, m in methods.items()},
         "taskpgm_wins": sum(r["taskpgm_wins"] for r in rows),
         "mean_test_loss": {k: float(np.mean([r["test_loss"][k] for r in rows])) for k in methods},

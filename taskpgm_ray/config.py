@@ -311,6 +311,10 @@ class Config:
     output_dir: str = doc("run directory (relative paths are relative to the working directory)", "runs/default")
     tasks: list[TaskConfig] = doc("tasks from files or the hub", factory=list)
     synthetic: SyntheticConfig | None = doc("add the synthetic suite's tasks (generated offline)", None)
+    evaluation: list[TaskConfig] = doc(
+        "evaluation sets, never trained on (same fields as tasks; score and utility unused): Tune ranks on their "
+        "validation part, `taskpgm compare` scores their test part, each set counting once; a suite's eval_only "
+        "tasks join them; empty: the training tasks' own splits", factory=list)
     splits: SplitConfig = doc("train / probe / eval split", factory=SplitConfig)
     model: ModelConfig = doc("the target model (fine-tuned in stage 6) and its tokenizer", factory=ModelConfig)
     proxy_model: ModelConfig | None = doc(
@@ -470,6 +474,29 @@ def _template_problem(template: str | None) -> str | None:
     return None
 
 
+def _check_task(t: TaskConfig, where: str, cfg: Config, base: Path, seen: dict[str, str],
+                problems: list[str]) -> None:
+    """A task's or an evaluation set's problems; ``seen`` maps each name to where it was first given."""
+    if t.name in seen:
+        problems.append(f"{where}.name: duplicate task name {t.name!r} (also {seen[t.name]})")
+    seen.setdefault(t.name, where)
+    if (problem := name_problem(t.name)) is not None:  # the name becomes probes/<name> and export code
+        problems.append(f"{where}.name: {problem}")
+    for key in ("prompt_template", "response_template"):
+        if (problem := _template_problem(getattr(t, key))) is not None:
+            problems.append(f"{where}.{key}: {problem}")
+    if t.source in ("disk", "jsonl", "parquet", "csv"):
+        p = Path(t.path) if Path(t.path).is_absolute() else base / t.path
+        if not p.exists():
+            problems.append(f"{where}.path: file not found: {p}")
+        elif t.source == "disk" and not p.is_dir():
+            problems.append(f"{where}.path: source 'disk' needs a save_to_disk directory: {p}")
+    if t.source == "hub" and cfg.is_offline:
+        problems.append(f"{where}.source: hub dataset {t.path!r} requested while offline (HF_HUB_OFFLINE=1)")
+    if t.max_examples is not None and t.max_examples < 1:
+        problems.append(f"{where}.max_examples: must be >= 1, got {t.max_examples}")
+
+
 def _check(cfg: Config, problems: list[str]) -> None:
     base = Path(cfg.config_path).parent if cfg.config_path else Path.cwd()
     if not cfg.tasks and cfg.synthetic is None:
@@ -480,29 +507,11 @@ def _check(cfg: Config, problems: list[str]) -> None:
             problems.append(f"synthetic.spec: file not found: {spec}")
     if cfg.synthetic is not None and isinstance(cfg.synthetic.scale, float) and cfg.synthetic.scale <= 0:
         problems.append(f"synthetic.scale: must be > 0, got {cfg.synthetic.scale}")
-    seen: dict[str, int] = {}
-    for i, t in enumerate(cfg.tasks):
-        if t is None:
-            continue
-        where = f"tasks[{i}]"
-        if t.name in seen:
-            problems.append(f"{where}.name: duplicate task name {t.name!r} (also tasks[{seen[t.name]}])")
-        seen.setdefault(t.name, i)
-        if (problem := name_problem(t.name)) is not None:  # the name becomes probes/<name> and export code
-            problems.append(f"{where}.name: {problem}")
-        for key in ("prompt_template", "response_template"):
-            if (problem := _template_problem(getattr(t, key))) is not None:
-                problems.append(f"{where}.{key}: {problem}")
-        if t.source in ("disk", "jsonl", "parquet", "csv"):
-            p = Path(t.path) if Path(t.path).is_absolute() else base / t.path
-            if not p.exists():
-                problems.append(f"{where}.path: file not found: {p}")
-            elif t.source == "disk" and not p.is_dir():
-                problems.append(f"{where}.path: source 'disk' needs a save_to_disk directory: {p}")
-        if t.source == "hub" and cfg.is_offline:
-            problems.append(f"{where}.source: hub dataset {t.path!r} requested while offline (HF_HUB_OFFLINE=1)")
-        if t.max_examples is not None and t.max_examples < 1:
-            problems.append(f"{where}.max_examples: must be >= 1, got {t.max_examples}")
+    seen: dict[str, str] = {}
+    for section in ("tasks", "evaluation"):
+        for i, t in enumerate(getattr(cfg, section)):
+            if t is not None:
+                _check_task(t, f"{section}[{i}]", cfg, base, seen, problems)
     s = cfg.splits
     for name in ("probe_fraction", "eval_fraction"):
         v = getattr(s, name)

@@ -64,6 +64,7 @@ class Pipeline:
         self._state_path = self.out / "stages.json"  # {stage: {"key", "status", "seconds"}}
         self._state: dict[str, dict] = json.loads(self._state_path.read_text()) if self._state_path.exists() else {}
         self._tasks = None  # loaded once, shared by every stage
+        self._evaluation = None
         self.timings: list[tuple[str, str, float]] = []  # (stage, status, seconds) for the summary table
 
     # -- shared inputs -------------------------------------------------------------------------------
@@ -75,8 +76,25 @@ class Pipeline:
             self._tasks = load_tasks(self.cfg)
         return self._tasks
 
+    @property
+    def evaluation(self):
+        """The evaluation sets (``evaluation:``, a suite's ``eval_only`` tasks), checked apart from the tasks."""
+        if self._evaluation is None:
+            from taskpgm_ray.tasks import check_apart, load_evaluation
+
+            self._evaluation = load_evaluation(self.cfg)
+            check_apart(self.tasks, self._evaluation)
+        return self._evaluation
+
     def tasks_key(self) -> str:
+        """The training tasks (what the probes and every later stage learn from)."""
         return digest([(t.name, t.hash) for t in self.tasks], dataclasses.asdict(self.cfg.splits))
+
+    def manifest_key(self) -> str:
+        """``tasks.json``: the tasks, and the evaluation sets when there are any (which only Tune, the final
+        fine-tune's scores and compare read: they reach those keys through ``task_scores``)."""
+        held = [(e.name, e.hash) for e in self.evaluation]
+        return digest(self.tasks_key(), held) if held else self.tasks_key()
 
     def probes_key(self) -> str:
         from taskpgm_ray.models import model_fingerprint
@@ -93,10 +111,11 @@ class Pipeline:
         caps = mixture_caps(self.cfg, self.tasks)
         return None if caps is None else [round(float(c), 12) for c in caps]
 
-    def task_scores(self) -> list[tuple[str, bool]]:
-        """Which tasks the selection metric counts (``tasks[*].score``): Tune ranks trials by it, and the train
-        stage's summary reports it (``eval_loss_scored``, ``test_loss_scored``)."""
-        return [(t.name, t.score) for t in self.tasks]
+    def task_scores(self) -> list:
+        """What the selection metric counts (``tasks[*].score``, or the evaluation sets and their contents): Tune
+        ranks trials by it, and the train stage's summary reports it (``eval_loss_scored``, ``test_loss_scored``)."""
+        scores = [(t.name, t.score) for t in self.tasks]
+        return scores + [(e.name, e.hash) for e in self.evaluation] if self.evaluation else scores
 
     def task_utilities(self, unaries: list[str]) -> list[tuple[str, float | None]] | None:
         """``tasks[*].utility`` when one of ``unaries`` (the unary terms a solve may use) is the utility, else None:
@@ -165,7 +184,7 @@ class Pipeline:
     def stages(self) -> list[Stage]:
         cfg = self.cfg
         stages = [
-            Stage("tasks", self.tasks_key, ["tasks.json"], self._run_tasks),
+            Stage("tasks", self.manifest_key, ["tasks.json"], self._run_tasks),
             Stage("probes", self.probes_key, ["probes"], self._run_probes),
             Stage("estimate", self.estimate_key, ["likelihoods.npz", "estimate/mixture.json"], self._run_estimate),
         ]
@@ -182,12 +201,14 @@ class Pipeline:
         from taskpgm_ray.models import ensure_proxy_tokenizer, ensure_run_tokenizer
         from taskpgm_ray.tasks import write_manifest
 
-        write_manifest(self.tasks, self.out)
+        write_manifest(self.tasks, self.out, self.evaluation)
         ensure_run_tokenizer(self.cfg.model, self.out)
         ensure_proxy_tokenizer(self.cfg, self.out)
         sizes = {split: sum(t.sizes[split] for t in self.tasks) for split in ("train", "probe", "eval")}
+        held = (f"; {len(self.evaluation)} evaluation sets ({sum(len(e.eval) for e in self.evaluation):,} "
+                f"validation, {sum(len(e.test) for e in self.evaluation):,} test examples)" if self.evaluation else "")
         return (f"{len(self.tasks)} tasks: {sizes['train']:,} train, {sizes['probe']:,} probe, "
-                f"{sizes['eval']:,} eval examples")
+                f"{sizes['eval']:,} eval examples{held}")
 
     def _run_probes(self) -> str:
         from taskpgm_ray.distributed.probes import probe_command
@@ -226,7 +247,8 @@ class Pipeline:
         from taskpgm_ray.tracking import trial_name
         from taskpgm_ray.tune import run_tune, write_best_mixture
 
-        result = run_tune(self.cfg, self.tasks, load_sums(self.out), resume=self.resume, progress=self._progress)
+        result = run_tune(self.cfg, self.tasks, load_sums(self.out), resume=self.resume, progress=self._progress,
+                          evaluation=self.evaluation)
         best = result["best"]
         write_best_mixture(best, self.tasks, self.out / "tune" / "best.json", inputs_hash=self.tune_key(),
                            weight_unit=self.cfg.train.weight_unit)
@@ -248,7 +270,8 @@ class Pipeline:
 
         if not self.resume:  # a fresh run: do not continue a half-finished fine-tune of an older mixture
             shutil.rmtree(self.out / "train", ignore_errors=True)
-        s = train_command(self.cfg, self.out / "mixture.json", tasks=self.tasks, progress=self._progress)
+        s = train_command(self.cfg, self.out / "mixture.json", tasks=self.tasks, evaluation=self.evaluation,
+                          progress=self._progress)
         loss = s["loss_curve"][-1] if s.get("loss_curve") else float("nan")
         return (f"step {s['steps']}/{self.cfg.train.steps}, loss {loss:.4f}, eval loss {s['eval_loss_mean']:.4f}, "
                 f"{s['throughput']['tokens_per_s']:,.0f} tokens/s")

@@ -96,8 +96,13 @@ def make_report(run_dir: str | Path, *, tracking: TrackingConfig | None = None) 
             "test_loss": (summary.get("test_loss_per_task") or {}).get(n),
             "test_accuracy": (summary.get("test_accuracy_per_task") or {}).get(n),
         })
+    held = [e["name"] for e in (_read_json(run_dir / "tasks.json") or {}).get("evaluation", [])]
+    evaluation = [{"set": n, "eval_loss": (summary.get("eval_loss_per_task") or {}).get(n),
+                   "test_loss": (summary.get("test_loss_per_task") or {}).get(n),
+                   "test_accuracy": (summary.get("test_accuracy_per_task") or {}).get(n)} for n in held]
     report = {
         "run_dir": str(run_dir), "method": mixture["method"], "affinity": mixture.get("affinity"),
+        "evaluation": evaluation,
         "hyperparameters": mixture.get("hyperparameters"), "eval_loss_mean": summary.get("eval_loss_mean"),
         "test_loss_scored": summary.get("test_loss_scored"),
         "throughput": summary.get("throughput"), "tasks": rows,
@@ -108,12 +113,15 @@ def make_report(run_dir: str | Path, *, tracking: TrackingConfig | None = None) 
     md = [f"# taskpgm report: {run_dir.name}", "",
           f"Mixture: **{mixture['method']}** (affinity {mixture.get('affinity')}), "
           f"hyperparameters `{json.dumps(mixture.get('hyperparameters'))}`.", "",
-          f"Mean test loss after the fine-tune (scored tasks; no selection saw the test split): "
-          f"**{_fmt(summary.get('test_loss_scored'), 'n/a')}**. "
-          f"Validation loss (every task, the split Tune selected on): "
-          f"{_fmt(summary.get('eval_loss_mean'), 'n/a')}.",
+          f"Mean test loss after the fine-tune ({'the evaluation sets, never trained on' if held else 'scored tasks'};"
+          f" no selection saw the test split): **{_fmt(summary.get('test_loss_scored'), 'n/a')}**. "
+          f"Validation loss ({'the evaluation sets' if held else 'scored tasks'}, what Tune selected on): "
+          f"{_fmt(summary.get('eval_loss_scored'), 'n/a')}.",
           "", _table_markdown(rows, ["task", "weight", "uniform", "train_size", "samples", "eval_loss",
                                      "eval_accuracy", "test_loss", "test_accuracy"]), ""]
+    if evaluation:
+        md += ["Evaluation sets:", "", _table_markdown(evaluation, ["set", "eval_loss", "test_loss", "test_accuracy"]),
+               ""]
     md += estimation_markdown(estimate, mixture=mixture,
                               selected=_read_json(run_dir / "select" / "certainty.json"))
     md += signal_markdown(signal)

@@ -133,7 +133,7 @@ def trial_weights(params: dict[str, Any], sums: dict[str, Any], cfg: Config,
 
 
 def _trial(params: dict[str, Any], *, cfg: Config, tasks: list[TaskData], sums: dict[str, Any],
-           run_dir: str, task_data: list[Any]) -> None:
+           run_dir: str, task_data: list[Any], evaluation: list[TaskData] = ()) -> None:
     """One Tune trial: solve (cheap), then a short Ray Train + DeepSpeed fine-tune reporting to Tune.
 
     ``task_data[0]`` is the examples' object-store reference (``put_task_data``), put once for every trial; it is
@@ -156,7 +156,7 @@ def _trial(params: dict[str, Any], *, cfg: Config, tasks: list[TaskData], sums: 
     atomic_write_json(trial_dir / TRIAL_MIXTURE, {"weights": weights, **desc})
     trainer = build_trainer(cfg, tasks, weights, run_dir=str(trial_dir), name="train",
                             steps=trial_steps(cfg), num_workers=cfg.tune.trial_workers,
-                            callbacks=[TuneReportCallback()], task_data=task_data[0])
+                            callbacks=[TuneReportCallback()], task_data=task_data[0], evaluation=evaluation)
     trainer.fit()
 
 
@@ -208,18 +208,19 @@ def trial_progress(progress: StageProgress, total: int | None) -> Any:
 
 
 def run_tune(cfg: Config, tasks: list[TaskData], sums: dict[str, Any], *, resume: bool = False,
-             progress: StageProgress | None = None) -> dict[str, Any]:
+             progress: StageProgress | None = None, evaluation: list[TaskData] = ()) -> dict[str, Any]:
     """Search, write ``tune/results.json``, and return ``{"best": ..., "trials": [...]}``.
 
     ``sums`` holds the estimation sums (``loglik_sum``, ``count``, optional ``jsd_sum``, ``jsd_count``);
-    ``progress`` is the stage's live line (trials k/n, the best so far).
+    ``progress`` is the stage's live line (trials k/n, the best so far); with ``evaluation`` sets, trials are
+    ranked on their validation part alone.
     """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from taskpgm_ray.distributed.cluster import init_ray
-    from taskpgm_ray.train.launch import put_task_data
+    from taskpgm_ray.train.launch import put_task_data, scored_names
 
     init_ray()
     out = Path(cfg.output_dir).resolve()
@@ -239,9 +240,10 @@ def run_tune(cfg: Config, tasks: list[TaskData], sums: dict[str, Any], *, resume
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(evals, cfg.tune.asha_grace),
                               grace_period=cfg.tune.asha_grace, reduction_factor=2)
     # The examples go to the object store once; every trial's Train workers fetch them by reference.
-    task_data = [put_task_data(tasks)]  # in a list: with_parameters would hand a bare reference over resolved
+    task_data = [put_task_data([*tasks, *evaluation])]  # in a list: with_parameters would resolve a bare reference
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, cfg=cfg, tasks=tasks, sums=sums, run_dir=str(out), task_data=task_data),
+        tune.with_parameters(_trial, cfg=cfg, tasks=tasks, sums=sums, run_dir=str(out), task_data=task_data,
+                             evaluation=list(evaluation)),
         {"cpu": TRIAL_CPU})
     storage = out / "tune" / "ray"
     started = time.time()
@@ -271,7 +273,7 @@ def run_tune(cfg: Config, tasks: list[TaskData], sums: dict[str, Any], *, resume
             "trial_id": m.get("trial_id"), "kind": params["kind"], "params": params, **desc,
             "weights": (trained or {}).get("weights"),
             "validation_loss": m.get(METRIC), "validation_loss_all": m.get("eval_loss_mean"),
-            "validation_loss_per_task": {t.name: m.get(f"eval_loss/{t.name}") for t in tasks},
+            "validation_loss_per_task": {t.name: m.get(f"eval_loss/{t.name}") for t in [*tasks, *evaluation]},
             "iterations": m.get("training_iteration"),
             # When the trial ran (Unix seconds), from Tune's own clock: its last result's timestamp (whole
             # seconds) less its total running time. Trials that overlap ran side by side.
@@ -288,8 +290,9 @@ def run_tune(cfg: Config, tasks: list[TaskData], sums: dict[str, Any], *, resume
     best = min(ok, key=lambda t: t["validation_loss"])
     result = {"best": best, "trials": trials, "seconds": time.time() - started,
               "max_concurrent": concurrent,
-              "metric": f"{METRIC} (mean validation loss over the scored tasks: "
-                        f"{', '.join(t.name for t in tasks if t.score) or 'all'})"}
+              "metric": f"{METRIC} (mean validation loss over the "
+                        f"{'evaluation sets' if evaluation else 'scored tasks'}: "
+                        f"{', '.join(scored_names(tasks, evaluation))})"}
     atomic_write_json(out / "tune" / "results.json", result)
     return result
 

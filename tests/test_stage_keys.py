@@ -50,7 +50,7 @@ def _keys(tmp_path, overrides: dict) -> dict[str, str]:
         weights = {"reverse_a": w, "reverse_b": 1 - w}  # select hashes the file, train its weights
         (out / rel).write_text(json.dumps({"weights": weights}))
     p = Pipeline(cfg)
-    return {"tasks": p.tasks_key(), "probes": p.probes_key(), "estimate": p.estimate_key(), "tune": p.tune_key(),
+    return {"tasks": p.manifest_key(), "probes": p.probes_key(), "estimate": p.estimate_key(), "tune": p.tune_key(),
             "select": p.select_key(), "train": p.train_key()}
 
 
@@ -68,6 +68,16 @@ def test_flipping_a_setting_reruns_exactly_the_stages_that_read_it(tmp_path, bas
 
 def test_the_same_config_in_another_directory_gives_the_same_keys(tmp_path, base_keys):
     assert _keys(tmp_path, {}) == base_keys
+
+
+def test_an_evaluation_set_reruns_what_scores_and_not_the_proxies(tmp_path, base_keys):
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"prompt": f"p{i}", "response": f"r{i}"}) + "\n" for i in range(8)))
+    keys = _keys(tmp_path, {"evaluation": [{"name": "held", "source": "jsonl", "path": str(held)}]})
+    assert {stage for stage in ALL if keys[stage] != base_keys[stage]} == {"tasks", "tune", "train"}
+    held.write_text("".join(json.dumps({"prompt": f"p{i}", "response": f"s{i}"}) + "\n" for i in range(8)))
+    again = _keys(tmp_path, {"evaluation": [{"name": "held", "source": "jsonl", "path": str(held)}]})
+    assert {stage for stage in ALL if again[stage] != keys[stage]} == {"tasks", "tune", "train"}  # its content
 
 
 # -- every field of the energy and estimation sections -------------------------------------------------------------

@@ -360,3 +360,20 @@ def test_zero3_recovers_from_a_worker_failure_with_the_exact_sample_stream(ray_c
     assert _audit(run_dir) == expected["ids"]
     assert summary["samples_per_task"] == expected["samples_per_task"]
     _assert_reloaded_model_scores_as_reported(base, summary, run_dir)  # gathered from the ZeRO-3 partitions
+
+
+@pytest.mark.ray
+def test_evaluation_sets_are_scored_beside_the_tasks_and_never_trained_on(ray_cluster, base):
+    """An evaluation set goes to the workers with weight 0: it is never drawn, it is evaluated on validation
+    (Tune's metric) and on test after the last step, and the scored figures are its losses alone."""
+    cfg, tasks, _ = base
+    rows = [Example(f"held/validation/{i}", ex.prompt, ex.response) for i, ex in enumerate(tasks[0].eval[:4])]
+    test = [Example(f"held/test/{i}", ex.prompt, ex.response) for i, ex in enumerate(tasks[1].eval[:4])]
+    held = TaskData("held", "test", [], [], rows, test)
+    summary, _ = _run(base, "evaluation", train={"steps": 2, "eval_every": 2, "checkpoint_every": 0},
+                      final_test=True, evaluation=[held])
+    assert summary["samples_per_task"]["held"] == 0 and sum(summary["samples_per_task"].values()) > 0
+    assert set(summary["eval_loss_per_task"]) == {t.name for t in tasks} | {"held"}
+    assert summary["eval_loss_scored"] == pytest.approx(summary["eval_loss_per_task"]["held"])
+    assert summary["eval_loss_scored"] != pytest.approx(summary["eval_loss_mean"])
+    assert summary["test_loss_scored"] == pytest.approx(summary["test_loss_per_task"]["held"])

@@ -71,11 +71,13 @@ class TaskData:
 # reading a source
 
 
-def _read_rows(tc: TaskConfig, cfg: Config) -> tuple[list[dict], list[dict] | None, list[dict] | None]:
-    """(train rows, validation rows or None, test rows or None) from the task's source."""
+def _read_rows(tc: TaskConfig, cfg: Config, *, kind: str = "task",
+               need_split: bool = True) -> tuple[list[dict], list[dict] | None, list[dict] | None]:
+    """(train rows, validation rows or None, test rows or None) from the task's source (``need_split`` false: a
+    DatasetDict without the ``split`` is fine when it has validation or test, e.g. an evaluation set)."""
     import datasets
 
-    where = f"task {tc.name!r}"
+    where = f"{kind} {tc.name!r}"
     if tc.source == "hub":
         if cfg.is_offline:
             raise TaskError(f"{where}: hub dataset {tc.path!r} requested while offline (HF_HUB_OFFLINE=1)")
@@ -98,15 +100,16 @@ def _read_rows(tc: TaskConfig, cfg: Config) -> tuple[list[dict], list[dict] | No
             raise TaskError(f"{where}: cannot read {tc.source} source {path}: {gist}") from exc
     if isinstance(data, datasets.DatasetDict):
         split = tc.split or "train"
-        if split not in data:
-            raise TaskError(f"{where}: split {split!r} not in {sorted(data)} (set tasks[].split)")
+        if split not in data and (need_split or not {"validation", "test"} & set(data)):
+            section = "tasks" if kind == "task" else "evaluation"
+            raise TaskError(f"{where}: split {split!r} not in {sorted(data)} (set {section}[].split)")
         val = data["validation"].to_list() if "validation" in data and split != "validation" else None
         test = data["test"].to_list() if "test" in data and split != "test" else None
-        return data[split].to_list(), val, test
+        return (data[split].to_list() if split in data else []), val, test
     return data.to_list(), None, None
 
 
-def _format(rows: list[dict], tc: TaskConfig, split: str) -> list[Example]:
+def _format(rows: list[dict], tc: TaskConfig, split: str, kind: str = "task") -> list[Example]:
     """Rows -> Examples via fields or templates; rows with an empty prompt or response are dropped."""
     out: list[Example] = []
     for i, row in enumerate(rows):
@@ -115,11 +118,11 @@ def _format(rows: list[dict], tc: TaskConfig, split: str) -> list[Example]:
             response = tc.response_template.format(**row) if tc.response_template else row[tc.response_field]
         except KeyError as exc:
             cols = ", ".join(sorted(row))
-            raise TaskError(f"task {tc.name!r}: missing field {exc.args[0]!r} in {split} row {i} "
+            raise TaskError(f"{kind} {tc.name!r}: missing field {exc.args[0]!r} in {split} row {i} "
                             f"(columns: {cols})") from None
         except (ValueError, IndexError, AttributeError) as exc:  # a template str.format cannot apply to the row
             key = "prompt_template" if tc.prompt_template and _fails(tc.prompt_template, row) else "response_template"
-            raise TaskError(f"task {tc.name!r}: {key} {getattr(tc, key)!r} cannot format {split} row {i}: "
+            raise TaskError(f"{kind} {tc.name!r}: {key} {getattr(tc, key)!r} cannot format {split} row {i}: "
                             f"{exc}") from None
         if prompt is None or response is None or not str(prompt).strip() or not str(response).strip():
             continue
@@ -173,25 +176,79 @@ def load_task(tc: TaskConfig, cfg: Config) -> TaskData:
 
 
 # --------------------------------------------------------------------------------------------------
+# evaluation sets
+
+
+def load_evaluation_set(tc: TaskConfig, cfg: Config) -> TaskData:
+    """An evaluation set (``evaluation[]``, or a suite's ``eval_only`` task): never trained on, so it has no train
+    or probe split. Its validation part (what Tune ranks on) is the source's ``validation`` split and its test
+    part (what ``taskpgm compare`` scores) the ``test`` split; a part the source lacks is carved from the rows of
+    ``split`` (seeded by ``splits.seed`` and the name): half of them each without either, at most
+    ``splits.max_eval`` per part.
+    """
+    kind, s = "evaluation set", cfg.splits
+    rows, val_rows, test_rows = _read_rows(tc, cfg, kind=kind, need_split=False)
+    pool = _format(rows, tc, tc.split or "train", kind) if val_rows is None or test_rows is None else []
+    random.Random(f"{s.seed}/evaluation/{tc.name}").shuffle(pool)
+    if val_rows is None and test_rows is None:
+        half = len(pool) // 2
+        val, test = pool[:half], pool[half:]
+    else:
+        val = _format(val_rows, tc, "validation", kind) if val_rows is not None else pool
+        test = _format(test_rows, tc, "test", kind) if test_rows is not None else pool
+    val, test = val[: s.max_eval], test[: s.max_eval]
+    if not val or not test:
+        raise TaskError(f"{kind} {tc.name!r}: needs examples for validation (Tune ranks on them) and for test "
+                        f"(`taskpgm compare` scores them); got {len(val)} and {len(test)}: give at least 2 rows, "
+                        f"or 'validation' and 'test' splits")
+    leaks = {ex.content_hash for ex in val} & {ex.content_hash for ex in test}
+    if leaks and val_rows is not None and test_rows is not None:
+        raise TaskError(f"{kind} {tc.name!r}: {len(leaks)} example(s) are in both its validation and test splits; "
+                        f"de-duplicate the source")
+    return TaskData(tc.name, tc.source, [], [], val, test, None, True)
+
+
+# --------------------------------------------------------------------------------------------------
 # the config's task list
 
 
-def task_configs(cfg: Config) -> list[TaskConfig]:
-    """The configured tasks, with the synthetic suite (written under ``output_dir/data``) appended."""
-    tasks = list(cfg.tasks)
-    if cfg.synthetic is not None:
-        from taskpgm_ray.tasks.synthetic import ensure_suite, load_spec
+def _synthetic_suite(cfg: Config) -> tuple[Path, dict] | None:
+    """The synthetic suite's folder and manifest (written under ``output_dir/data`` on first use), or None."""
+    if cfg.synthetic is None:
+        return None
+    from taskpgm_ray.tasks.synthetic import ensure_suite, load_spec
 
-        sc = cfg.synthetic
-        spec = load_spec(resolve_path(cfg, sc.spec) if sc.spec else None)
-        suite_dir = Path(cfg.output_dir).resolve() / "data" / f"synthetic-{sc.seed}-{spec.hash[:8]}"
-        manifest = ensure_suite(suite_dir, sc.seed, scale=sc.scale, include=sc.include, spec=spec)
-        taken = {t.name for t in tasks}
-        for t in manifest["tasks"]:
-            if t["name"] in taken:
-                raise TaskError(f"task {t['name']!r}: defined in tasks and in the synthetic suite; rename one")
-            tasks.append(TaskConfig(name=t["name"], source="disk", path=str(suite_dir / t["name"]), score=t["score"]))
-    return tasks
+    sc = cfg.synthetic
+    spec = load_spec(resolve_path(cfg, sc.spec) if sc.spec else None)
+    suite_dir = Path(cfg.output_dir).resolve() / "data" / f"synthetic-{sc.seed}-{spec.hash[:8]}"
+    return suite_dir, ensure_suite(suite_dir, sc.seed, scale=sc.scale, include=sc.include, spec=spec)
+
+
+def _suite_configs(cfg: Config, eval_only: bool, taken: set[str]) -> list[TaskConfig]:
+    suite = _synthetic_suite(cfg)
+    if suite is None:
+        return []
+    suite_dir, manifest = suite
+    out = []
+    for t in manifest["tasks"]:
+        if bool(t.get("eval_only", False)) != eval_only:
+            continue
+        if t["name"] in taken:
+            raise TaskError(f"task {t['name']!r}: defined in tasks or evaluation and in the synthetic suite; "
+                            f"rename one")
+        out.append(TaskConfig(name=t["name"], source="disk", path=str(suite_dir / t["name"]),
+                              score=t.get("score", True)))
+    return out
+
+
+def task_configs(cfg: Config) -> list[TaskConfig]:
+    """The configured tasks, with the synthetic suite's training tasks (written under ``output_dir/data``)."""
+    return list(cfg.tasks) + _suite_configs(cfg, False, {t.name for t in [*cfg.tasks, *cfg.evaluation]})
+
+
+def evaluation_configs(cfg: Config) -> list[TaskConfig]:
+    """The configured evaluation sets, with the synthetic suite's ``eval_only`` tasks."""
+    return list(cfg.evaluation) + _suite_configs(cfg, True, {t.name for t in [*cfg.tasks, *cfg.evaluation]})
 
 
 def load_tasks(cfg: Config) -> list[TaskData]:
@@ -199,8 +256,34 @@ def load_tasks(cfg: Config) -> list[TaskData]:
     return [load_task(tc, cfg) for tc in task_configs(cfg)]
 
 
-def write_manifest(tasks: list[TaskData], output_dir: str | Path) -> Path:
-    """Write ``tasks.json`` (CONTRACT.md) atomically and return its path."""
+def load_evaluation(cfg: Config) -> list[TaskData]:
+    """Every evaluation set of the config (empty without an ``evaluation`` section or ``eval_only`` suite tasks)."""
+    return [load_evaluation_set(tc, cfg) for tc in evaluation_configs(cfg)]
+
+
+def check_apart(tasks: list[TaskData], evaluation: list[TaskData]) -> None:
+    """Refuse an evaluation set that shares a name, or an example, with a training task's training data: it
+    would not measure what it says (held-out quality)."""
+    names = {t.name for t in tasks}
+    seen = {ex.content_hash: t.name for t in tasks for ex in t.train}
+    for e in evaluation:
+        if e.name in names:
+            raise TaskError(f"evaluation set {e.name!r}: a training task has the same name; rename one")
+        shared = [ex for ex in e.eval + e.test if ex.content_hash in seen]
+        if shared:
+            raise TaskError(f"evaluation set {e.name!r}: {len(shared)} example(s) are also training examples of "
+                            f"task {seen[shared[0].content_hash]!r} (e.g. {shared[0].id}); an evaluation set must be "
+                            f"held out")
+
+
+def write_manifest(tasks: list[TaskData], output_dir: str | Path, evaluation: list[TaskData] = ()) -> Path:
+    """Write ``tasks.json`` (CONTRACT.md) atomically and return its path; evaluation sets, when there are any,
+    under ``evaluation`` (their sizes: validation and test examples)."""
     path = Path(output_dir) / "tasks.json"
-    atomic_write_text(path, json.dumps({"tasks": [t.manifest() for t in tasks]}, indent=2))
+    doc: dict[str, Any] = {"tasks": [t.manifest() for t in tasks]}
+    if evaluation:
+        doc["evaluation"] = [{"name": e.name, "source": e.source, "sizes": {"validation": len(e.eval),
+                                                                             "test": len(e.test)}, "hash": e.hash}
+                             for e in evaluation]
+    atomic_write_text(path, json.dumps(doc, indent=2))
     return path

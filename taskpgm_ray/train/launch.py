@@ -39,7 +39,8 @@ PROGRESS_FILE = "progress.json"  # under <run_dir>/train: rank 0's step, loss, e
 def build_trainer(cfg: Config, tasks: list[TaskData], weights: Mapping[str, float], *, run_dir: str | os.PathLike,
                   name: str = "train", steps: int | None = None, num_workers: int | None = None,
                   callbacks: Sequence[Any] = (), eval_split: str = "eval", final_test: bool = False,
-                  task_data: ObjectRef | None = None, recipe: type[MixtureFinetune] | None = None) -> TorchTrainer:
+                  task_data: ObjectRef | None = None, recipe: type[MixtureFinetune] | None = None,
+                  evaluation: Sequence[TaskData] = ()) -> TorchTrainer:
     """A Ray Train ``TorchTrainer`` that fine-tunes ``cfg.model`` on the mixture ``weights``.
 
     Args:
@@ -54,8 +55,10 @@ def build_trainer(cfg: Config, tasks: list[TaskData], weights: Mapping[str, floa
             for `taskpgm compare`, which no selection sees).
         final_test: after the last step, also score the final model on each task's test split (the summary's
             ``test_*`` fields): the run's figure that no selection saw. Off for Tune's trials, which select.
-        task_data: ``put_task_data(tasks, eval_split, test=final_test)`` already in the object store (Tune puts it
-            once for all its trials); by default this call puts it.
+        task_data: ``put_task_data([*tasks, *evaluation], eval_split, test=final_test)`` already in the object
+            store (Tune puts it once for all its trials); by default this call puts it.
+        evaluation: evaluation sets (``tasks.load_evaluation``): evaluated beside the tasks with weight 0, and
+            when there are any, the scored metric (``eval_loss_scored``, what Tune ranks by) is their mean alone.
         recipe: the per-worker recipe class, ``MixtureFinetune`` by default; a test passes a subclass that fails
             once mid-run (recovery through FailureConfig), a benchmark one with another sampler.
 
@@ -78,8 +81,9 @@ def build_trainer(cfg: Config, tasks: list[TaskData], weights: Mapping[str, floa
     cfg = dataclasses.replace(cfg, train=tc)
     ordered = validate_mixture(weights, tasks, cfg)
     run_dir = Path(run_dir).resolve()
+    evaluated = [*tasks, *evaluation]
     if task_data is None:
-        task_data = put_task_data(tasks, eval_split, test=final_test)
+        task_data = put_task_data(evaluated, eval_split, test=final_test)
     loop_config = {
         "name": name,
         "train": tc,
@@ -87,10 +91,10 @@ def build_trainer(cfg: Config, tasks: list[TaskData], weights: Mapping[str, floa
         "tracking": resolve_tracking(cfg.tracking, run_dir),  # W&B mode, project, group settled on the driver
         "ds_config": deepspeed_config(tc, world_size=tc.num_workers, on_gpu=tc.use_gpu),
         "tokenizer_path": str(ensure_run_tokenizer(cfg.model, cfg.output_dir).resolve()),
-        "task_names": [t.name for t in tasks],
+        "task_names": [t.name for t in evaluated],
         "task_data": task_data,  # a reference: the examples stay in the object store, out of this config
-        "weights": [ordered[t.name] for t in tasks],
-        "scored": [getattr(t, "score", True) for t in tasks],
+        "weights": [ordered[t.name] for t in tasks] + [0.0] * len(evaluation),
+        "scored": scored_flags(tasks, evaluation),
         "eval_split": eval_split,
         "final_test": final_test,
         "run_dir": str(run_dir),
@@ -111,6 +115,20 @@ def build_trainer(cfg: Config, tasks: list[TaskData], weights: Mapping[str, floa
             worker_runtime_env={"env_vars": worker_env()},
         ),
     )
+
+
+def scored_flags(tasks: Sequence[TaskData], evaluation: Sequence[TaskData] = ()) -> list[bool]:
+    """Which of ``[*tasks, *evaluation]`` the scored metric counts: the evaluation sets when there are any (each
+    once), else the tasks with ``score`` true."""
+    if evaluation:
+        return [False] * len(tasks) + [True] * len(evaluation)
+    return [getattr(t, "score", True) for t in tasks]
+
+
+def scored_names(tasks: Sequence[TaskData], evaluation: Sequence[TaskData] = ()) -> list[str]:
+    """The names the scored metric averages over (``scored_flags``; every task when none is scored)."""
+    flags = scored_flags(tasks, evaluation)
+    return [t.name for t, f in zip([*tasks, *evaluation], flags) if f] or [t.name for t in tasks]
 
 
 def put_task_data(tasks: list[TaskData], eval_split: str = "eval", *, test: bool = False) -> ObjectRef:
@@ -186,8 +204,8 @@ def _show_progress(path: Path, progress: StageProgress, every_s: float = 0.5) ->
         thread.join()
 
 
-def train_command(cfg: Config, mixture_path: str | os.PathLike, *,
-                  tasks: list[TaskData] | None = None, progress: StageProgress | None = None) -> dict[str, Any]:
+def train_command(cfg: Config, mixture_path: str | os.PathLike, *, tasks: list[TaskData] | None = None,
+                  evaluation: list[TaskData] | None = None, progress: StageProgress | None = None) -> dict[str, Any]:
     """``taskpgm train CONFIG --mixture M.json``: load tasks (unless given), check the mixture, train; the summary.
 
     The final model is also scored on each task's test split (``test_loss_scored`` and the other ``test_*``
@@ -196,13 +214,15 @@ def train_command(cfg: Config, mixture_path: str | os.PathLike, *,
     ``progress`` is the stage's live line (step, loss, eval loss, tokens/s).
     """
     from taskpgm_ray.models import ensure_run_tokenizer
-    from taskpgm_ray.tasks import load_tasks
+    from taskpgm_ray.tasks import load_evaluation, load_tasks
 
-    tasks = load_tasks(cfg) if tasks is None else tasks
     weights = read_mixture_weights(mixture_path)
+    tasks = load_tasks(cfg) if tasks is None else tasks
     validate_mixture(weights, tasks, cfg)
+    evaluation = load_evaluation(cfg) if evaluation is None else evaluation
     ensure_run_tokenizer(cfg.model, cfg.output_dir)
-    return run_training(cfg, tasks, weights, run_dir=cfg.output_dir, progress=progress, final_test=True)
+    return run_training(cfg, tasks, weights, run_dir=cfg.output_dir, progress=progress, final_test=True,
+                        evaluation=evaluation)
 
 
 def _install_final_model(source: Path, target: Path, cfg: Config) -> None:

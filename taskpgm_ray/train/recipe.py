@@ -474,11 +474,14 @@ def evaluate_model(model: Any, tokenizer: Any, eval_sets: list[list[tuple[tuple[
         sums = reduced.cpu()
     if was_training:
         model.train()
-    loss = {n: float(sums[i, 0] / max(sums[i, 1], 1.0)) for i, n in enumerate(task_names)}
-    acc = {n: float(sums[i, 2] / max(sums[i, 3], 1.0)) for i, n in enumerate(task_names)}
+    # A set without examples (a training task without a test split beside evaluation sets) has no loss: NaN, and
+    # the means are over the sets that have examples.
+    has = [i for i in range(len(task_names)) if sums[i, 3] > 0]
+    loss = {n: float(sums[i, 0] / max(sums[i, 1], 1.0)) if i in has else float("nan") for i, n in enumerate(task_names)}
+    acc = {n: float(sums[i, 2] / sums[i, 3]) if i in has else float("nan") for i, n in enumerate(task_names)}
     return {"eval_loss_per_task": loss, "eval_accuracy_per_task": acc,
-            "eval_loss_mean": float(np.mean(list(loss.values()))) if loss else float("nan"),
-            "eval_accuracy_mean": float(np.mean(list(acc.values()))) if acc else float("nan")}
+            "eval_loss_mean": float(np.mean([loss[task_names[i]] for i in has])) if has else float("nan"),
+            "eval_accuracy_mean": float(np.mean([acc[task_names[i]] for i in has])) if has else float("nan")}
 
 
 # --------------------------------------------------------------------------------------------------
