@@ -170,3 +170,37 @@ def test_eig_clip_is_the_nearest_psd_matrix_and_keeps_structure_the_shift_flatte
     w2 = minimize_energy(eig_clip(S, eps=1e-6) + 3.0 * u, beta=1, lam=1, unary=np.ones(8)).weights
     assert np.allclose(w1, w2, atol=1e-8)
     assert np.allclose(energy_matrix(S, "clip", eps=0.0), K)
+
+
+def test_information_evidence_is_a_lower_confidence_bound_above_zero():
+    from taskpgm_ray.mixture.signal import information_evidence
+
+    spread = np.tile([-1.0, 1.0], 20)  # mean 0, std 1
+    per_task = [1.2 + 0.3 * spread,   # learned: clearly above 0
+                0.0 + 0.05 * spread,  # not learned: around 0
+                -3.0 + spread,        # noise a proxy memorised: below 0
+                0.2 + spread]         # a hint, within its noise (the bound: 0.2 - 1.645 / sqrt(40) < 0)
+    signal = {"information_sum": np.array([x.sum() for x in per_task]),
+              "information_sq_sum": np.array([(x ** 2).sum() for x in per_task]),
+              "information_count": np.array([len(x) for x in per_task])}
+    assert information_evidence(signal).tolist() == [True, False, False, False]
+    assert information_evidence({k: v for k, v in signal.items() if k != "information_sq_sum"}) is None
+
+
+def test_an_unlearned_task_keeps_its_prior_share_and_noise_gets_no_more():
+    from taskpgm_ray.mixture.taskpgm import taskpgm_mixture
+
+    n = 5
+    sizes = [400, 300, 200, 800, 50]  # task 3: a large skill the proxy did not learn; task 4: noise
+    information = np.array([1.0, 1.0, 0.8, 0.0, 0.0])
+    unlearned = np.array([False, False, False, True, True])
+    L = np.full((n, n), -2.0) + np.eye(n)  # the pairwise term is off below (lam 0): only the unary and the prior
+    common = {"lam": 0.0, "beta": 0.5, "unary": "information", "information": information, "sizes": sizes,
+              "prior": "temperature", "prior_strength": 1.0, "floor": 0.0}
+    zero = taskpgm_mixture(L, np.ones(n), **common)
+    neutral = taskpgm_mixture(L, np.ones(n), unlearned=unlearned, **common)
+    q = neutral.extra["q"]
+    assert zero.weights[3] < q[3] - 0.01 and zero.weights[4] < q[4]  # zero information pushes them below
+    np.testing.assert_allclose(neutral.weights[[3, 4]], q[[3, 4]], atol=1e-6)  # no evidence: the prior share
+    assert neutral.weights[0] > q[0] and neutral.weights[2] < neutral.weights[1] * q[2] / q[1] + 1e-9
+    assert neutral.weights.sum() == pytest.approx(1.0)

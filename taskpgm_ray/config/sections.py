@@ -208,6 +208,10 @@ class EnergyConfig:
         "on the prompt (estimate/signal.json `output_only`). Off by default: noise looks like this, but so does a "
         "real skill beyond a small proxy, and a proxy's failure is no evidence that the target will fail",
         False)
+    unlearned: Literal["zero", "neutral"] = doc(
+        "the information unary of a task whose proxy shows no input-output information (95% lower bound <= 0: a "
+        "skill beyond the proxy, or noise): zero (the unary pushes it below its prior share) or neutral (the "
+        "prior-weighted mean of the others' unary: it keeps its prior share, up to the pairwise term)", "zero")
     floor: float = doc("every task gets at least floor / n, a fraction of its uniform weight (capped by the "
                        "repetition cap): a task left out loses even its answer format", 0.2)
     method: Literal["exact", "closed_form", "first_order", "blocks"] = doc("solver", "exact")

@@ -98,7 +98,8 @@ def solve_from_sums(loglik_sum: np.ndarray, count: np.ndarray, jsd_sum: np.ndarr
         utilities: per-task utilities, needed when ``energy_cfg.unary == "utility"``.
         signal: the estimate stage's per-task signal sums (``mixture_file.SIGNAL_ARRAYS``): the information
             unary (``mixture.signal.information_unary``, needed when ``energy_cfg.unary == "information"``) and,
-            with ``energy_cfg.prior_skip_output_only``, the tasks the prior skips (``mixture.signal.output_only``).
+            with ``energy_cfg.prior_skip_output_only``, the tasks the prior skips (``mixture.signal.output_only``);
+            with ``energy_cfg.unlearned == "neutral"``, the tasks without evidence (``information_evidence``).
         max_weights: (n,) per-task upper bounds (``weight_caps``), combined with ``energy_cfg.max_weight``.
         sizes: (n,) training examples per task, needed by the size and temperature priors.
 
@@ -106,13 +107,16 @@ def solve_from_sums(loglik_sum: np.ndarray, count: np.ndarray, jsd_sum: np.ndarr
         ``(weights (n,), MixtureSolution, K)`` where K is the (n, n) energy matrix before the prior term.
         With a budget k < n the other weights are 0 (``solution.extra["selected"]`` lists the chosen tasks).
     """
-    from taskpgm_ray.mixture.signal import information_unary, output_only
+    from taskpgm_ray.mixture.signal import information_evidence, information_unary, output_only
     from taskpgm_ray.mixture.taskpgm import taskpgm_mixture
 
     e = energy_cfg
-    information = skip = None
+    information = skip = unlearned = None
     if signal is not None:
         information = information_unary(signal)
+    if signal is not None and e.unary == "information" and e.unlearned == "neutral":
+        evidence = information_evidence(signal)
+        unlearned = None if evidence is None else ~evidence
     if signal is not None and e.prior_skip_output_only:
         skip = output_only(signal, np.diag(np.asarray(loglik_sum, dtype=np.float64)), count)
     jsd_mean = None
@@ -125,7 +129,7 @@ def solve_from_sums(loglik_sum: np.ndarray, count: np.ndarray, jsd_sum: np.ndarr
         upper = np.minimum(max_weights, 1.0 if e.max_weight is None else e.max_weight)
     sol = taskpgm_mixture(
         loglik_sum, count, beta=e.beta, lam=e.lam, affinity=e.affinity, jsd_mean=jsd_mean, kernel=e.kernel,
-        tau=e.tau, eps=e.eps, unary=e.unary, information=information,
+        tau=e.tau, eps=e.eps, unary=e.unary, information=information, unlearned=unlearned,
         utilities=list(utilities) if utilities is not None else None, normalize=e.normalize, prior=e.prior,
         prior_temperature=e.prior_temperature, prior_strength=e.prior_strength, sizes=sizes, prior_skip=skip,
         floor=e.floor, min_weight=e.min_weight, max_weight=upper, budget=e.budget, method=e.method)

@@ -111,6 +111,20 @@ def information_unary(signal: Mapping[str, np.ndarray]) -> np.ndarray | None:
     return np.clip(np.asarray(signal["information_sum"], dtype=np.float64) / bound, 0.0, 1.0)
 
 
+def information_evidence(signal: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """Per task, whether its proxy shows any input-output information: the one-sided 95% lower confidence bound of
+    the mean information is above 0. Without it the proxy did not learn the task: a skill beyond the proxy and
+    noise look alike here. None until every task has examples scored under other prompts."""
+    need = ("information_sum", "information_sq_sum", "information_count")
+    if any(signal.get(k) is None for k in need):
+        return None
+    cnt = np.asarray(signal["information_count"], dtype=np.float64)
+    if np.any(cnt <= 0):
+        return None
+    return _lower_bound(np.asarray(signal["information_sum"], dtype=np.float64),
+                        np.asarray(signal["information_sq_sum"], dtype=np.float64), cnt) > 0
+
+
 def _lower_bound(total: np.ndarray, sq: np.ndarray, cnt: np.ndarray, z: float = 1.645) -> np.ndarray:
     """One-sided 95% lower confidence bound on a mean from its sum and sum of squares."""
     mean = total / cnt

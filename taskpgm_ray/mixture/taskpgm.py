@@ -7,6 +7,7 @@ Start here. Every step is one of the named pieces of ``taskpgm_ray.mixture``; th
     K         = energy_matrix(A, kernel)                symmetric PSD: psd shift | eigenvalue clip | exp
     u         = row sums of K (representativeness)  |  information (fraction of log K)  |  user utilities
     normalize:  K <- K / mean(diag K),  u <- u / max|u|
+    unlearned:  u_i <- sum_j q_j u_j / sum_j q_j over the tasks j with evidence  (energy.unlearned "neutral")
     prior:      + (mu / 2) sum_i (p_i - q_i)^2 / q_i,   q = uniform | size | temperature(T) mixture
     bounds:     lo_i = max(min_weight, floor / n), hi_i = max_weight (e.g. repetition caps)
     p         = argmin_{p in simplex, lo <= p <= hi} (lam / 2) p^T K p - beta u^T p + prior(p)
@@ -57,6 +58,7 @@ def taskpgm_mixture(
     eps: float = 1e-6,
     unary: str = "information",
     information: np.ndarray | None = None,
+    unlearned: np.ndarray | None = None,
     utilities: Sequence[float] | None = None,
     normalize: bool = True,
     prior: str = "temperature",
@@ -81,6 +83,10 @@ def taskpgm_mixture(
         unary: "representativeness" (row sums of K), "information" (``information``: (n,) each proxy's bounded
             input-output information as a fraction of its bound, ``signal.information_unary``) or "utility".
         normalize: scale K to mean diagonal 1 and u to max |u| = 1.
+        unlearned: (n,) bool, tasks whose unary is no evidence (``signal.information_evidence`` false: the proxy
+            did not learn the task, which is no evidence that the target will not). They get the prior-weighted
+            mean of the other tasks' unary, so the unary moves them neither up nor down: without the pairwise term
+            and the bounds, exactly their prior share. None: every unary is taken as it is.
         prior, prior_temperature, prior_strength: the baseline mixture q the energy leans towards, and mu.
         sizes: (n,) training examples per task (needed by the size and temperature priors).
         prior_skip: (n,) bool, tasks the prior's baseline gives only their lower bound (``floor / n``; 0 without
@@ -160,6 +166,14 @@ def taskpgm_mixture(
             hi = np.where(zero, 0.0, np.ones(n) if hi is None else hi)
         pull = np.where(zero, 0.0, 1.0 / np.where(zero, 1.0, q))
         matrix, solver_lam = lam * K + prior_strength * np.diag(pull), 1.0
+
+    if unlearned is not None:
+        unlearned = np.asarray(unlearned, dtype=bool)
+        if unlearned.shape != (n,):
+            raise ValueError(f"unlearned must be {n} booleans, got shape {unlearned.shape}")
+        if unlearned.any() and not unlearned.all():
+            w = (q if q is not None else np.full(n, 1.0 / n))[~unlearned]
+            u = np.where(unlearned, float(w @ u[~unlearned] / w.sum()) if w.sum() > 0 else 0.0, u)
 
     bounds = {"min_weight": lo if np.any(lo > 0) else None, "max_weight": hi}
     extra = {"affinity": A, "K": K, "u": u, "q": q}
