@@ -9,6 +9,10 @@ for benchmarks (nothing in the method reads them):
 - ``high_value``: small tasks with distinct skills; ``regular``: further distinct skills;
 - ``noise``: random targets unrelated to the input (not scored by default).
 
+A task with ``eval_only: true`` is an evaluation set, never trained on (e.g. a held-out template of a skill): it
+is written with only its ``validation`` and ``test`` splits, needs no ``size``, and the suite manifest says
+``"eval_only": true`` on its row (``false`` on every other row).
+
 Skills are deterministic string/arithmetic transformations a small transformer learns on CPU in minutes.
 """
 
@@ -111,6 +115,7 @@ class SpecTask:
     size: int  # training examples at scale 1
     role: str
     score: bool  # counted in `taskpgm compare`'s metric
+    eval_only: bool = False  # an evaluation set: only validation and test splits, never trained on; size unused
 
 
 @dataclass(frozen=True)
@@ -127,8 +132,18 @@ class SuiteSpec:
     def hash(self) -> str:
         """Content hash of everything that changes the generated data."""
         blob = json.dumps({"alphabet": self.alphabet, "eval_size": self.eval_size,
-                           "tasks": [asdict(t) for t in self.tasks]}, sort_keys=True)
+                           "tasks": [_hashed(t) for t in self.tasks]}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _hashed(task: SpecTask) -> dict:
+    """A task's part of the spec hash. ``eval_only`` enters only when true (and then ``size``, unused, leaves),
+    so every spec without evaluation sets keeps the hash it had before the field existed."""
+    row = asdict(task)
+    if not row.pop("eval_only"):
+        return row
+    del row["size"]
+    return {**row, "eval_only": True}
 
 
 class SpecError(BadInput):
@@ -180,10 +195,15 @@ def spec_from_dict(data: Any, *, source: str = "<spec>") -> SuiteSpec:
         if not isinstance(row, dict):
             problems.append(f"{where}: expected a mapping, got {row!r}")
             continue
-        for key in sorted(set(row) - {"name", "skill", "template", "size", "role", "score"}):
-            problems.append(f"{where}.{key}: unknown key (valid: name, skill, template, size, role, score)")
+        for key in sorted(set(row) - {"name", "skill", "template", "size", "role", "score", "eval_only"}):
+            problems.append(f"{where}.{key}: unknown key (valid: name, skill, template, size, role, score, eval_only)")
         name, skill, template = row.get("name"), row.get("skill"), row.get("template")
-        size, role = row.get("size"), row.get("role", "regular")
+        size, role, eval_only = row.get("size"), row.get("role", "regular"), row.get("eval_only", False)
+        if not isinstance(eval_only, bool):
+            problems.append(f"{where}.eval_only: expected true or false, got {eval_only!r}")
+        elif eval_only and role == "noise":
+            problems.append(f"{where}.eval_only: an evaluation set cannot have role 'noise' (random targets leave "
+                            f"nothing to evaluate); give it another role or drop eval_only")
         try:  # a task name is a folder of the suite: the project's one rule for such names
             check_name(name, f"{where}.name")
         except BadInput as exc:
@@ -201,20 +221,23 @@ def spec_from_dict(data: Any, *, source: str = "<spec>") -> SuiteSpec:
         if not isinstance(template, str) or not _one_x(template):
             problems.append(f"{where}.template: must be a string with exactly one '{{x}}' and no other "
                             f"fields, got {template!r}")
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        if size is None and eval_only is not False:  # an evaluation set has no training split: no size needed
+            size = 0
+        elif isinstance(size, bool) or not isinstance(size, int) or size < 1:
             problems.append(f"{where}.size: must be an integer >= 1, got {size!r}")
         if role not in ROLES:
             problems.append(f"{where}.role: must be one of {', '.join(ROLES)}, got {role!r}")
         score = row.get("score", role != "noise")
         if not isinstance(score, bool):
             problems.append(f"{where}.score: expected true or false, got {score!r}")
-        if skill in SKILLS and isinstance(size, int) and not isinstance(size, bool) and size >= 1 \
-                and isinstance(eval_size, int) and not isinstance(eval_size, bool) and eval_size >= 1:
-            problem = _capacity_problem(name, skill, size, eval_size, alphabet)
+        sized = isinstance(size, int) and not isinstance(size, bool) and (size >= 1 or eval_only is True)
+        if skill in SKILLS and sized and isinstance(eval_size, int) and not isinstance(eval_size, bool) \
+                and eval_size >= 1:
+            problem = _capacity_problem(name, skill, 0 if eval_only is True else size, eval_size, alphabet)
             if problem:
                 problems.append(f"{where}: {problem}")
         tasks.append(SpecTask(str(name), str(skill), str(template), size if isinstance(size, int) else 0,
-                              str(role), bool(score)))
+                              str(role), bool(score), eval_only is True))
     if problems:
         raise SpecError(f"{source}: " + (problems[0] if len(problems) == 1 else
                                          f"{len(problems)} problems: " + "; ".join(problems)))
@@ -223,12 +246,16 @@ def spec_from_dict(data: Any, *, source: str = "<spec>") -> SuiteSpec:
 
 def _capacity_problem(name: object, skill: str, n_train: int, eval_size: int, alphabet: str,
                       scale: float | None = None) -> str | None:
-    """Why a task cannot get ``n_train + 2 * eval_size`` distinct inputs from its skill, or None when it can."""
+    """Why a task cannot get ``n_train + 2 * eval_size`` distinct inputs from its skill, or None when it can
+    (``n_train`` 0: an eval_only task)."""
     wanted, possible = n_train + 2 * eval_size, SKILLS[skill].n_inputs(alphabet)
     if wanted <= possible:
         return None
     train = f"{n_train} training examples (size x scale {scale:g})" if scale is not None else f"size {n_train}"
     widen = "widen the alphabet or " if SKILLS[skill].n_inputs is _n_words else ""
+    if n_train == 0:
+        return (f"eval_only task {name!r} wants {wanted} distinct inputs (2 x eval_size {eval_size}), but skill "
+                f"{skill!r} has at most {possible} with alphabet {alphabet!r}; {widen}lower eval_size")
     return (f"task {name!r} wants {wanted} distinct inputs ({train} + 2 x eval_size {eval_size}), but skill "
             f"{skill!r} has at most {possible} with alphabet {alphabet!r}; {widen}lower the size or eval_size")
 
@@ -311,7 +338,8 @@ def _check_replaceable(out: Path) -> None:
 
 def write_suite(out_dir: str | os.PathLike, seed: int, *, scale: float = 1.0, include: list[str] | None = None,
                 spec: SuiteSpec | str | os.PathLike | None = None, files: dict[str, str] | None = None) -> dict:
-    """Write the suite as HF ``DatasetDict``s (train / validation / test) under ``out_dir/<task>``.
+    """Write the suite as HF ``DatasetDict``s (train / validation / test) under ``out_dir/<task>``; an eval_only
+    task gets only validation and test, and each manifest row says ``eval_only``.
 
     Deterministic in (spec, seed, scale, include): each task draws from its own stream, so including or
     excluding tasks never changes the others. Returns the manifest also written to ``out_dir/suite.json``.
@@ -339,7 +367,7 @@ def write_suite(out_dir: str | os.PathLike, seed: int, *, scale: float = 1.0, in
         if fname == MANIFEST or fname in names:
             raise BadInput(f"write_suite(files=...): {fname!r} is the manifest's or a task's name")
     tasks = [t for t in spec.tasks if not include or t.name in include]
-    sizes = {t.name: max(8, round(t.size * scale)) for t in tasks}
+    sizes = {t.name: 0 if t.eval_only else max(8, round(t.size * scale)) for t in tasks}
     problems = [p for t in tasks if (p := _capacity_problem(t.name, t.skill, sizes[t.name], spec.eval_size,
                                                             spec.alphabet, scale))]
     if problems:  # refused up front, before anything is drawn or written
@@ -359,8 +387,9 @@ def write_suite(out_dir: str | os.PathLike, seed: int, *, scale: float = 1.0, in
             rng = random.Random(f"{seed}/{task.name}")  # per-task stream: include/exclude never shifts others
             n_train = sizes[task.name]
             rows = _examples(task, n_train + 2 * spec.eval_size, rng, spec.alphabet)
+            # an evaluation set is never trained on, so it has no train split at all
             dd = DatasetDict({
-                "train": Dataset.from_list(rows[:n_train]),
+                **({} if task.eval_only else {"train": Dataset.from_list(rows[:n_train])}),
                 "validation": Dataset.from_list(rows[n_train:n_train + spec.eval_size]),
                 "test": Dataset.from_list(rows[n_train + spec.eval_size:]),
             })
