@@ -61,7 +61,7 @@ def doc_lengths(task: str) -> list[int]:
 
 
 def apportion(shares: dict[str, float], total: int) -> dict[str, int]:
-    from taskpgm_ray.exporters import _apportion
+    from taskpgm_ray.exporters.context import _apportion
 
     return _apportion(shares, total)
 

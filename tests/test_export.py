@@ -1,7 +1,7 @@
 """Exports read the way each tool reads them: the hf snippet run with the real `datasets`, LLaMA-Factory's
 dataset_info.json and training keys, axolotl's `datasets` entries and shard subsets, Megatron's blend.
 
-The formats are those each project documents (see the comment above the exports in taskpgm_ray/exporters.py);
+The formats are those each project documents (see the comment above the exports in taskpgm_ray/exporters/formats.py);
 the parsers below follow the tools' own code paths (named in each helper) on small in-memory datasets.
 """
 

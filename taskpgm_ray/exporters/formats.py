@@ -1,5 +1,5 @@
-"""``taskpgm export``: a mixture in another framework's format (hf, llamafactory, axolotl, megatron, json), and
-``parse_export`` to read an export back as the tool does. The mixture file itself is ``mixture_file``'s."""
+"""Each tool's format: ``_export_hf``, ``_export_llamafactory`` (and ``merge_dataset_info``), ``_export_axolotl``
+(and its shard plan), ``_export_megatron``, ``_export_json``; each turns a ``_Context`` into a ``MixtureExport``."""
 
 from __future__ import annotations
 
@@ -7,12 +7,9 @@ import copy
 import json
 import math
 import os
-import re
-from dataclasses import dataclass, field
-from typing import Any
 
 from taskpgm_ray.errors import BadInput
-from taskpgm_ray.mixture_file import EXPORTS, WEIGHT_UNITS, check_weights
+from taskpgm_ray.exporters.context import MixtureExport, _budget, _Context, _size
 
 # --- exports -----------------------------------------------------------------------------------------
 #
@@ -36,8 +33,6 @@ from taskpgm_ray.mixture_file import EXPORTS, WEIGHT_UNITS, check_weights
 #   FILE.read().split()); GPTDataset cuts each dataset into fixed-length token sequences and BlendedDataset
 #   draws sequences by weight, so a weight is a share of tokens.
 
-# What each target's weights count; json keeps the mixture's own unit.
-_TARGET_UNIT = {"hf": "examples", "llamafactory": "examples", "axolotl": "examples", "megatron": "tokens"}
 # The keys that tell LLaMA-Factory where a dataset is; an entry needs one (data/parser.py).
 _LLAMAFACTORY_SOURCES = ("file_name", "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
 # A task given by name only is read with TaskPGM's default columns (tasks[].prompt_field / response_field).
@@ -47,216 +42,6 @@ _AXOLOTL_TYPE = {"field_instruction": "prompt", "field_output": "response",
 _AXOLOTL_DS_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow",
                      ".txt": "text"}
 _AXOLOTL_MAX_SHARD_ENTRIES = 12  # at most this many shard entries make up a partial dataset
-
-
-@dataclass
-class MixtureExport:
-    """A mixture in one tool's format: the files the tool reads, the text to print, what was changed."""
-
-    files: dict[str, str]  # file name -> content, exactly as the tool reads it
-    text: str  # what `taskpgm export` prints: the same content with its comments
-    notes: list[str] = field(default_factory=list)  # tasks left out, names defaulted, units converted
-
-
-def read_names(path: str) -> dict[str, str | dict]:
-    """The ``--names`` file: a YAML or JSON mapping task -> the dataset the target tool knows."""
-    doc = _read_yaml(path)
-    if not isinstance(doc, dict) or not doc:
-        raise BadInput(f"{path}: expected a mapping `task: dataset` (YAML or JSON)")
-    for task, v in doc.items():
-        if not isinstance(v, (str, dict)) or not v:
-            raise BadInput(f"{path}: {task!r} must map to a dataset name or path (or, for llamafactory and "
-                           f"axolotl, a mapping of that tool's dataset keys), got {v!r}")
-    return {str(k): v for k, v in doc.items()}
-
-
-def read_mean_tokens(path: str) -> dict[str, float]:
-    """Mean tokens per example by task, from a YAML/JSON ``{task: number}`` or a run's ``train/summary.json``."""
-    doc = _read_yaml(path)
-    if isinstance(doc, dict) and "tokens_per_task" in doc and "samples_per_task" in doc:
-        tokens, samples = doc["tokens_per_task"] or {}, doc["samples_per_task"] or {}
-        doc = {t: tokens[t] / samples[t] for t in tokens if samples.get(t)}
-    if not isinstance(doc, dict) or not doc:
-        raise BadInput(f"{path}: expected a mapping `task: mean tokens per example` or a train/summary.json "
-                       f"with tokens_per_task and samples_per_task")
-    out = {}
-    for task, v in doc.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise BadInput(f"{path}: mean tokens for task {task!r} must be a number > 0, got {v!r}")
-        out[str(task)] = float(v)
-    return out
-
-
-def _read_yaml(path: str):
-    import yaml
-
-    try:
-        with open(path) as f:
-            return yaml.safe_load(f)
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise BadInput(f"{path}: not valid YAML or JSON ({' '.join(str(e).split())})") from None
-
-
-def export_mixture(mixture: dict, to: str, **options: Any) -> str:
-    """The mixture as text for another framework (what ``taskpgm export`` prints); see ``build_export``."""
-    return build_export(mixture, to, **options).text
-
-
-def build_export(
-    mixture: dict,
-    to: str,
-    *,
-    names: dict[str, str | dict] | None = None,
-    num_samples: int | None = None,
-    mean_tokens: dict[str, float] | None = None,
-    seed: int = 0,
-) -> MixtureExport:
-    """The mixture in the format of ``to`` (hf, llamafactory, axolotl, megatron, json).
-
-    Args:
-        mixture: a mixture as ``read_mixture`` returns it (``weights``; ``weight_unit``, ``sizes`` optional).
-        names: task -> the dataset the tool knows: hf a ``load_dataset`` path or ``save_to_disk`` folder;
-            llamafactory a dataset_info.json entry (a string is its ``file_name``); axolotl a ``datasets``
-            entry (a string is its ``path``); megatron a data prefix. Default: the task name.
-        num_samples: llamafactory and axolotl: the examples to train on in all. Default: the most that
-            repeat no example, from the mixture's ``sizes``.
-        mean_tokens: task -> mean tokens per example, to convert between example and token shares
-            (Megatron blends tokens; the others sample examples).
-        seed: the seed of the hf interleave and of axolotl's shard subsets.
-
-    Raises:
-        ValueError: naming the option or task at fault, and what to give instead.
-    """
-    if to not in EXPORTS:
-        raise BadInput(f"unknown export format {to!r}; choose one of {', '.join(EXPORTS)}")
-    weights = check_weights(mixture.get("weights"), "mixture")
-    unit = mixture.get("weight_unit") or "examples"
-    if unit not in WEIGHT_UNITS:
-        raise BadInput(f"mixture: weight_unit must be one of {WEIGHT_UNITS}, got {unit!r}")
-    if num_samples is not None and to not in ("llamafactory", "axolotl"):
-        raise BadInput(f"--num-samples applies to --to llamafactory and axolotl, not {to} (hf and megatron "
-                       f"sample by probability: set the training length in the trainer)")
-    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
-                                    or num_samples < 1):
-        raise BadInput(f"--num-samples must be a whole number >= 1, got {num_samples!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):  # it is written into the hf script as code
-        raise BadInput(f"--seed must be a whole number, got {seed!r}")
-    tool_names = _tool_names(names, weights, to)
-    notes = []
-    zero = [t for t, w in weights.items() if w == 0]
-    if zero:
-        notes.append(f"left out (weight 0): {', '.join(zero)}")
-    unnamed = [t for t, w in weights.items() if w > 0 and t not in (names or {})]
-    if unnamed and to != "json":
-        notes.append(f"no --names entry, so the task name is the dataset name for: {', '.join(unnamed)}")
-    shares, conversion = _shares({t: w for t, w in weights.items() if w > 0}, unit,
-                                 _TARGET_UNIT.get(to, unit), mean_tokens, to)
-    if conversion:
-        notes.append(conversion)
-    ctx = _Context(to, shares, unit, tool_names, notes, mixture.get("sizes") or {}, num_samples, seed)
-    return {"hf": _export_hf, "llamafactory": _export_llamafactory, "axolotl": _export_axolotl,
-            "megatron": _export_megatron, "json": _export_json}[to](ctx)
-
-
-@dataclass
-class _Context:
-    to: str
-    shares: dict[str, float]  # kept task -> share in the target's unit, summing to 1
-    unit: str  # what the mixture's weights count
-    names: dict[str, str | dict]  # task -> what the tool knows
-    notes: list[str]
-    sizes: dict  # task -> training examples (may be empty)
-    num_samples: int | None
-    seed: int
-
-    def comments(self, title: str, body: list[str]) -> str:
-        """The comment block an export starts with: what it is, how the tool reads it, then the notes."""
-        notes = [n[0].upper() + n[1:] for n in self.notes]
-        return _comment([f"TaskPGM mixture for {title}", *body, *([""] + notes if notes else [])])
-
-
-def _tool_names(names: dict | None, weights: dict[str, float], to: str) -> dict[str, str | dict]:
-    names = dict(names or {})
-    unknown = [t for t in names if t not in weights]
-    if unknown:
-        raise BadInput(f"--names: task(s) {', '.join(map(repr, unknown))} not in the mixture "
-                       f"(its tasks: {', '.join(weights)})")
-    out, seen = {}, {}
-    for task in weights:
-        v = names.get(task, task)
-        if isinstance(v, dict) and to not in ("llamafactory", "axolotl"):
-            raise BadInput(f"--names: {task!r} maps to a mapping, but --to {to} needs a string "
-                           f"({'a data prefix' if to == 'megatron' else 'a load_dataset path or folder'})")
-        if not isinstance(v, (str, dict)) or not v:
-            raise BadInput(f"--names: {task!r} must map to a non-empty string, got {v!r}")
-        key = json.dumps(v, sort_keys=True)
-        if weights[task] > 0 and key in seen:
-            raise BadInput(f"--names: tasks {seen[key]!r} and {task!r} both map to {v!r}; "
-                           f"each task needs its own dataset")
-        if weights[task] > 0:
-            seen[key] = task
-        out[task] = v
-    return out
-
-
-def _shares(kept: dict[str, float], unit: str, counts: str, mean_tokens: dict | None,
-            to: str) -> tuple[dict[str, float], str | None]:
-    """Renormalised shares in the unit the target counts, and a note when they were converted."""
-    if unit == counts:
-        total = sum(kept.values())
-        return {t: w / total for t, w in kept.items()}, None
-    mean_tokens = mean_tokens or {}
-    missing = [t for t in kept if not (isinstance(mean_tokens.get(t), (int, float)) and mean_tokens[t] > 0)]
-    if missing:
-        does = "blends token sequences" if counts == "tokens" else "samples examples"
-        raise BadInput(f"{to} {does}, but this mixture's weights count {unit} (weight_unit: {unit}); give "
-                       f"--mean-tokens FILE (task: mean tokens per example, or a run's train/summary.json) "
-                       f"to convert; missing for {', '.join(missing)}")
-    # A share of examples w_i draws w_i * m_i tokens; a share of tokens w_i needs w_i / m_i examples.
-    raw = {t: w * mean_tokens[t] if counts == "tokens" else w / mean_tokens[t] for t, w in kept.items()}
-    total = sum(raw.values())
-    used = ", ".join(f"{t} {mean_tokens[t]:.4g}" for t in kept)
-    return ({t: v / total for t, v in raw.items()},
-            f"weights converted from {unit} to {counts} with the mean tokens per example ({used})")
-
-
-def _apportion(shares: dict[str, float], total: int) -> dict[str, int]:
-    """Whole numbers of examples, one per task, summing to ``total`` (largest-remainder rounding)."""
-    exact = {t: s * total for t, s in shares.items()}
-    out = {t: math.floor(v) for t, v in exact.items()}
-    for t in sorted(exact, key=lambda t: out[t] - exact[t])[: total - sum(out.values())]:
-        out[t] += 1
-    return out
-
-
-def _budget(ctx: _Context) -> tuple[dict[str, int], str]:
-    """Examples per kept task for the budgeted targets, and a line saying where the budget came from."""
-    if ctx.num_samples is not None:
-        total, how = ctx.num_samples, f"{ctx.num_samples:,} examples in all (--num-samples)"
-    else:
-        unknown = [t for t in ctx.shares if not _size(ctx.sizes, t)]
-        if unknown:
-            raise BadInput(f"{ctx.to} export needs --num-samples N (the examples to train on in all), or the "
-                           f"mixture's 'sizes' to default to the most examples that repeat none; no size for "
-                           f"task(s) {', '.join(unknown)}")
-        # The largest budget at which no task needs more examples than it has: min_i N_i / share_i.
-        total = min(math.floor(ctx.sizes[t] / s + 1e-9) for t, s in ctx.shares.items())
-        how = f"{total:,} examples in all, the most that repeat no example (--num-samples to change)"
-    counts = _apportion(ctx.shares, total)
-    empty = [t for t, n in counts.items() if n == 0]
-    if empty:
-        ctx.notes.append(f"left out (0 examples at {total:,} in all): {', '.join(empty)}")
-    return {t: n for t, n in counts.items() if n > 0}, how
-
-
-def _size(sizes: dict, task: str) -> int:
-    n = sizes.get(task)
-    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 0
-
-
-def _comment(lines: list[str]) -> str:
-    # Every physical line gets its "#": a line break inside a note (from a file path, say) never starts live code.
-    return "".join(f"# {part}\n" if part else "#\n" for line in lines for part in (line.splitlines() or [""]))
 
 
 def _export_hf(ctx: _Context) -> MixtureExport:
@@ -487,44 +272,3 @@ def _export_megatron(ctx: _Context) -> MixtureExport:
 def _export_json(ctx: _Context) -> MixtureExport:
     text = json.dumps(ctx.shares, indent=2) + "\n"
     return MixtureExport({"mixture_weights.json": text}, text, ctx.notes)
-
-
-def parse_export(text: str, to: str, *, sizes: dict[str, int] | None = None) -> dict[str, float]:
-    """Read back what ``export_mixture`` printed as {dataset name the tool sees: share}, the way the tool does.
-
-    axolotl needs ``sizes`` (dataset path -> rows) to count what its shards hold.
-    """
-    import yaml
-
-    if to == "json":
-        return {k: float(v) for k, v in json.loads(text).items()}
-    if to == "hf":
-        import ast
-
-        values = {t.id: ast.literal_eval(node.value) for node in ast.parse(text).body
-                  if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
-        return dict(zip(values["DATASETS"], map(float, values["PROBABILITIES"])))
-    if to == "llamafactory":
-        args_text, info_text = re.split(r"^# ==> dataset_info\.json <==\n", text, flags=re.M)
-        args, info = yaml.safe_load(args_text), json.loads(info_text)
-        counts = {name: info[name]["num_samples"] for name in str(args["dataset"]).split(",")}
-        return {k: n / sum(counts.values()) for k, n in counts.items()}
-    if to == "megatron":
-        import shlex
-
-        line = next(x for x in text.splitlines() if x.startswith("--data-path "))
-        tokens = shlex.split(line)[1:]
-        weights = {tokens[i + 1]: float(tokens[i]) for i in range(0, len(tokens), 2)}
-        return {k: w / sum(weights.values()) for k, w in weights.items()}
-    if to == "axolotl":
-        if sizes is None:
-            raise BadInput("parse_export(..., 'axolotl') needs sizes={path: rows} to count the shards")
-        rows: dict[str, int] = {}
-        for d in yaml.safe_load(text)["datasets"]:
-            n = sizes[d["path"]]
-            if "shards" in d:
-                s, i = d["shards"], d["shards_idx"]
-                n = n // s + (1 if i < n % s else 0)
-            rows[d["path"]] = rows.get(d["path"], 0) + n
-        return {k: n / sum(rows.values()) for k, n in rows.items()}
-    raise BadInput(f"unknown export format {to!r}; choose one of {', '.join(EXPORTS)}")
