@@ -187,18 +187,21 @@ def tasks_synth(out: str, spec_path: str | None, world: int | None, seed: int | 
     seed = seed if seed is not None else (spec.seed if spec.seed is not None else 7)
     manifest = write_suite(out, seed, scale=scale, spec=spec, files=files)
     for t in manifest["tasks"]:
+        train = "eval_only " if t.get("eval_only") else f"train={t['sizes']['train']:<5}"
         click.echo(f"{t['name']:<10} {t['skill']:<8} {t['role']:<15} score={str(t['score']).lower():<5} "
-                   f"train={t['sizes']['train']:<5} validation={t['sizes']['validation']} test={t['sizes']['test']}")
+                   f"{train} validation={t['sizes']['validation']} test={t['sizes']['test']}")
     click.echo(f"wrote {len(manifest['tasks'])} tasks to {out} (manifest: {Path(out) / 'suite.json'})")
 
 
 @tasks.command("world")
 @click.argument("seed", type=int)
-def tasks_world(seed: int) -> None:
+@click.option("--flan", is_flag=True, help="The FLAN-like world flan_world(SEED): many templated tasks and one "
+              "held-out (eval_only) template per skill.")
+def tasks_world(seed: int, flan: bool) -> None:
     """Print the generated world random_world(SEED) as a suite spec (YAML), e.g. to edit and pass to --spec."""
-    from taskpgm_ray.tasks.worlds import world_yaml
+    from taskpgm_ray.tasks.worlds import flan_world_yaml, world_yaml
 
-    click.echo(world_yaml(seed), nl=False)
+    click.echo((flan_world_yaml if flan else world_yaml)(seed), nl=False)
 
 
 # --------------------------------------------------------------------------------------------------

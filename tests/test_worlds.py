@@ -119,3 +119,17 @@ def test_cli_random_world_writes_the_suite_and_its_spec(tmp_path, capsys):
     capsys.readouterr()
     assert main(["tasks", "synth", "--out", str(out), "--random-world", "4", "--spec", str(out / "spec.yaml")]) == 2
     assert "give --spec or --random-world, not both" in capsys.readouterr().err
+
+
+def test_cli_flan_world_prints_its_spec_and_synth_lists_its_evaluation_sets(tmp_path, capsys):
+    from taskpgm_ray.cli import main
+    from taskpgm_ray.tasks.worlds import flan_world_yaml
+
+    assert main(["tasks", "world", "--flan", "1"]) == 0
+    assert capsys.readouterr().out == flan_world_yaml(1)
+    spec = tmp_path / "flan.yaml"
+    spec.write_text(flan_world_yaml(1))
+    assert main(["tasks", "synth", "--out", str(tmp_path / "s"), "--spec", str(spec), "--scale", "0.05"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    held = [line for line in lines if "eval_only" in line]
+    assert held and all("_heldout" in line and "validation=48 test=48" in line for line in held)
