@@ -168,7 +168,9 @@ class EstimationConfig:
                             "full-scoring one with probability 0.9 (bootstrap of the completed matrix)", 0.01)
     info_prompts: int = doc(
         "K: each probe answer of a task is scored by its own proxy and the base under its own prompt and K - 1 "
-        "other prompts of the same shard, for the bounded input-output information (at most log K nats)", 4)
+        "other prompts of the same shard (at most shard_size), for the bounded input-output information (at most "
+        "log K nats). 16 was chosen on the tuning worlds 1000-1001 (README, Worlds nobody tuned on); with 4 every "
+        "learned skill sat at the bound", 16)
     max_actor_restarts: int = doc("restarts per actor before its shards move elsewhere", 2)
     bootstrap: int = doc("bootstrap resamples for the confidence bands on the weights", 100)
 
