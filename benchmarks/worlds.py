@@ -90,6 +90,8 @@ def main() -> None:
     parser.add_argument("--worlds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--summarize", action="store_true", help="only gather finished results")
+    parser.add_argument("--variants", nargs="*", default=[], help="also gather quality.py --variant NAME results "
+                        "(quality-world-W-NAME.json), beside the plain ones: to choose defaults on the tuning range")
     args = parser.parse_args()
     for w in args.worlds:
         if w not in REPORT_RANGE and w not in TUNING_RANGE:
@@ -100,10 +102,13 @@ def main() -> None:
         for w in args.worlds:
             run_world(w, args.seeds)
     rows = []
+    if args.variants and not all(w in TUNING_RANGE for w in args.worlds):
+        parser.error("--variants compares settings: on the tuning range (1000-1099) only")
     for w in args.worlds:
-        path = RESULTS / f"quality-world-{w}.json"
-        if path.exists():
-            rows += world_rows(f"generated {w}", json.loads(path.read_text()))
+        for variant in ["", *args.variants]:
+            path = RESULTS / f"quality-world-{w}{'-' + variant if variant else ''}.json"
+            if path.exists():
+                rows += world_rows(f"generated {w}{f' ({variant})' if variant else ''}", json.loads(path.read_text()))
     for name in ("quality", "quality-permuted"):  # the repository's own worlds, when run under this protocol
         path = RESULTS / f"{name}.json"
         if path.exists() and all("pick" in r["test_loss"] for r in json.loads(path.read_text())["seeds"]):
