@@ -340,10 +340,9 @@ class MixtureFinetune:
     def _evaluate(self, sets: list, names: list[str]) -> dict[str, Any]:
         """``evaluate_model`` on every rank (ZeRO-3 gathers collectively), plus ``loss_scored``: the mean loss over
         the scored tasks (``tasks[*].score``) among ``names``, or over all of them if none is scored."""
-        result = evaluate_model(self.engine.module, self.tokenizer, sets, names,
-                                rank=self.rank, world_size=self.world_size, device=self.device,
-                                batch_size=max(8, 2 * self.tc.micro_batch_size),
-                                synced=self.tc.zero_stage == 3 and self.world_size > 1)
+        batch, synced = max(8, 2 * self.tc.micro_batch_size), self.tc.zero_stage == 3 and self.world_size > 1
+        result = evaluate_model(self.engine.module, self.tokenizer, sets, names, rank=self.rank,
+                                world_size=self.world_size, device=self.device, batch_size=batch, synced=synced)
         self.engine.train()
         keep = dict(zip(self.task_names, self.config.get("scored") or [True] * len(self.task_names)))
         scored = [n for n in names if keep[n]] or names
@@ -408,8 +407,7 @@ class MixtureFinetune:
 
     def _test_summary(self) -> dict[str, Any]:
         """The final model on the test split (``final_test``): per task, mean, and the mean over scored tasks."""
-        t = self.test_result
-        if not t:
+        if not (t := self.test_result):
             return {}
         return {"test_loss_per_task": t["eval_loss_per_task"], "test_accuracy_per_task": t["eval_accuracy_per_task"],
                 "test_loss_mean": t["eval_loss_mean"], "test_loss_scored": t["loss_scored"],
@@ -469,19 +467,18 @@ def evaluate_model(model: Any, tokenizer: Any, eval_sets: list[list[tuple[tuple[
             correct = float(texts[j].strip() == resp.strip())
             sums[ti] += torch.tensor([nll[j] * w[j], ntok[j] * w[j], correct * w[j], w[j]], dtype=torch.float64)
     if world_size > 1 and dist.is_initialized():
-        reduced = sums.to(device)
-        dist.all_reduce(reduced)
+        dist.all_reduce(reduced := sums.to(device))
         sums = reduced.cpu()
     if was_training:
         model.train()
-    # A set without examples (a training task without a test split beside evaluation sets) has no loss: NaN, and
-    # the means are over the sets that have examples.
-    has = [i for i in range(len(task_names)) if sums[i, 3] > 0]
-    loss = {n: float(sums[i, 0] / max(sums[i, 1], 1.0)) if i in has else float("nan") for i, n in enumerate(task_names)}
-    acc = {n: float(sums[i, 2] / sums[i, 3]) if i in has else float("nan") for i, n in enumerate(task_names)}
-    return {"eval_loss_per_task": loss, "eval_accuracy_per_task": acc,
-            "eval_loss_mean": float(np.mean([loss[task_names[i]] for i in has])) if has else float("nan"),
-            "eval_accuracy_mean": float(np.mean([acc[task_names[i]] for i in has])) if has else float("nan")}
+    s = sums.numpy()  # a set without examples (a task without test beside evaluation sets): NaN, not in the means
+    has = s[:, 3] > 0
+    loss = np.where(has, s[:, 0] / np.maximum(s[:, 1], 1.0), np.nan)
+    acc = np.where(has, s[:, 2] / np.maximum(s[:, 3], 1.0), np.nan)
+    return {"eval_loss_per_task": dict(zip(task_names, map(float, loss))),
+            "eval_accuracy_per_task": dict(zip(task_names, map(float, acc))),
+            "eval_loss_mean": float(loss[has].mean()) if has.any() else float("nan"),
+            "eval_accuracy_mean": float(acc[has].mean()) if has.any() else float("nan")}
 
 
 # --------------------------------------------------------------------------------------------------
