@@ -132,11 +132,14 @@ class Pipeline:
         the scoring settings; and when scoring stops on the mixture (``estimation.stop_when_stable``,
         ``estimation.active``), everything the solve that decides it reads. Active estimation also asks for at least
         two units per actor a round, so there ``num_actors`` changes which units are scored."""
+        from taskpgm_ray.config import active_estimation
+
         e = self.cfg.estimation
+        active = active_estimation(self.cfg, len(self.tasks))
         parts = [self.probes_key(), settings(self.cfg, "estimation")]
-        if e.active or e.stop_when_stable is not None:
+        if active or e.stop_when_stable is not None:
             parts.append(self.solve_settings())
-        if e.active:
+        if active:
             parts.append(e.num_actors)
         return digest(*parts)
 

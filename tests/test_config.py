@@ -169,3 +169,18 @@ def test_the_change_rule_warns_that_its_tol_is_not_a_distance_to_the_final_mixtu
         for path in sorted(SHIPPED_CONFIGS.glob("*.yaml")):
             load_config(path)
     assert load_config(SHIPPED_CONFIGS / "gpu-8b.yaml").estimation.active  # the rule measured to hold
+
+
+def test_active_estimation_auto_is_on_from_the_stated_number_of_tasks_when_nothing_needs_every_pair():
+    from taskpgm_ray.config import ACTIVE_AUTO_MIN_TASKS, active_estimation
+
+    auto = load_config(test_mode=True, overrides={"estimation.jsd": False})
+    assert auto.estimation.active == "auto"  # the default
+    assert not active_estimation(auto, ACTIVE_AUTO_MIN_TASKS - 1) and active_estimation(auto, ACTIVE_AUTO_MIN_TASKS)
+    with_jsd = load_config(test_mode=True, overrides={"estimation.jsd": True})
+    assert not active_estimation(with_jsd, 100)  # the JSD needs every pair
+    stable = load_config(test_mode=True, overrides={"estimation.jsd": False, "estimation.stop_when_stable": {}})
+    assert not active_estimation(stable, 100)  # another stop rule was asked for
+    off = load_config(test_mode=True, overrides={"estimation.jsd": False, "estimation.active": False})
+    on = load_config(test_mode=True, overrides={"estimation.jsd": False, "estimation.active": True})
+    assert not active_estimation(off, 100) and active_estimation(on, 2)

@@ -11,6 +11,7 @@ from taskpgm_ray.config.build import reference_markdown
 from taskpgm_ray.config.checks import config_warnings
 from taskpgm_ray.config.load import config_from_dict, load_config
 from taskpgm_ray.config.sections import (
+    ACTIVE_AUTO_MIN_TASKS,
     BUILTIN_MODEL_NAMES,
     PAPER_ENERGY,
     SHIPPED_CONFIGS,
@@ -30,13 +31,15 @@ from taskpgm_ray.config.sections import (
     TrackingConfig,
     TrainConfig,
     TuneConfig,
+    active_estimation,
     doc,
     resolve_path,
 )
 
 __all__ = [
-    "BUILTIN_MODEL_NAMES", "PAPER_ENERGY", "SHIPPED_CONFIGS", "TEST_CONFIG", "Config", "ConfigError", "ConfigWarning",
-    "EnergyConfig", "EstimationConfig", "ModelConfig", "ProbeConfig", "SplitConfig", "StableConfig", "SyntheticConfig",
-    "TaskConfig", "TinyModelConfig", "TrackingConfig", "TrainConfig", "TuneConfig", "config_from_dict",
-    "config_warnings", "doc", "load_config", "reference_markdown", "resolve_path",
+    "ACTIVE_AUTO_MIN_TASKS", "BUILTIN_MODEL_NAMES", "PAPER_ENERGY", "SHIPPED_CONFIGS", "TEST_CONFIG", "Config",
+    "ConfigError", "ConfigWarning", "EnergyConfig", "EstimationConfig", "ModelConfig", "ProbeConfig", "SplitConfig",
+    "StableConfig", "SyntheticConfig", "TaskConfig", "TinyModelConfig", "TrackingConfig", "TrainConfig", "TuneConfig",
+    "active_estimation", "config_from_dict", "config_warnings", "doc", "load_config", "reference_markdown",
+    "resolve_path",
 ]

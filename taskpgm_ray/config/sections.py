@@ -160,10 +160,12 @@ class EstimationConfig:
     jsd: bool = doc("also accumulate the JSD affinity (top-k compressed)", True)
     jsd_top_k: int = doc("top-k tokens kept per position for the JSD (plus one tail bucket)", 16)
     stop_when_stable: StableConfig | None = doc("anytime stopping; null scores every shard", None)
-    active: bool = doc(
+    active: bool | Literal["auto"] = doc(
         "score a cheap first pass, then only the (proxy, probe shard) pairs whose scoring moves the mixture most; "
         "the rest of the likelihood matrix is filled in by matrix completion (mixture/active.py), and scoring "
-        "stops when the mixture is certain within active_tol. Needs jsd: false (the JSD needs every pair)", False)
+        "stops when the mixture is certain within active_tol. true needs jsd: false (the JSD needs every pair). "
+        "auto: on where it pays, at ACTIVE_AUTO_MIN_TASKS (40) tasks or more when jsd is false and "
+        "stop_when_stable is null (README, Active estimation)", "auto")
     active_tol: float = doc("active: stop when, at two checks in a row, the mixture is within this L1 of the "
                             "full-scoring one with probability 0.9 (bootstrap of the completed matrix)", 0.01)
     info_prompts: int = doc(
@@ -344,3 +346,15 @@ def resolve_path(cfg: Config, p: str) -> Path:
     if q.is_absolute() or cfg.config_path is None:
         return q
     return Path(cfg.config_path).parent / q
+
+
+ACTIVE_AUTO_MIN_TASKS = 40  # estimation.active "auto": from here on active estimation pays (README, Active estimation)
+
+
+def active_estimation(cfg: Config, n_tasks: int) -> bool:
+    """Whether the estimate stage scores actively: ``estimation.active`` true, or "auto" with at least
+    ``ACTIVE_AUTO_MIN_TASKS`` tasks, no JSD (it needs every pair) and no other stop rule."""
+    e = cfg.estimation
+    if e.active == "auto":
+        return n_tasks >= ACTIVE_AUTO_MIN_TASKS and not e.jsd and e.stop_when_stable is None
+    return bool(e.active)

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from taskpgm_ray.config import Config
+from taskpgm_ray.config import Config, active_estimation
 from taskpgm_ray.console import StageProgress
 from taskpgm_ray.distributed.active_driver import estimate_active
 from taskpgm_ray.distributed.actor_pool import ActorPool
@@ -137,7 +137,7 @@ def estimate_command(cfg: Config, *, tasks: list[TaskData] | None = None,
                       tok_path=lambda: str(ensure_proxy_tokenizer(cfg, out_dir).resolve()))
     active = None
     try:
-        if e.active:
+        if active_estimation(cfg, n):
             active = estimate_active(cfg, tasks, shards, order, records, pool, progress)
             used, trajectory, bands = [s.index for s in shards], active["trajectory"], active["bands"]
             sums = {s.index: shard_sums(s, records[s.index], order, False, e.info_prompts) for s in shards}
@@ -168,7 +168,7 @@ def estimate_command(cfg: Config, *, tasks: list[TaskData] | None = None,
         "bootstrap": _named_bands(bands, names),
         # Which entries of the likelihood matrix were measured: measured[i][j] = share of task j's probe
         # examples that proxy i scored (1: exact; 0: filled in by the completion of mixture/active.py).
-        "active": bool(e.active), "fraction_pairs": float(np.mean(measured > 0)),
+        "active": active is not None, "fraction_pairs": float(np.mean(measured > 0)),
         "fraction_units": units_scored / units_total,
         "fraction_examples": float((measured * probe_total[None, :]).sum() / (n * probe_total.sum())),
         "measured": measured.tolist(),
