@@ -1,11 +1,12 @@
 """Benchmark: active estimation on a real world, against full scoring of the same proxies.
 
-    .venv/bin/python benchmarks/active_world.py --spec taskpgm_ray/tasks/specs/flan-like.yaml [--seeds 0 1]
+    .venv/bin/python benchmarks/active_world.py --spec taskpgm_ray/tasks/specs/flan-like.yaml [--seeds 0] [--tols 0.02]
 
 Per seed S, ``benchmarks/quality.py``'s run directory of that spec (``runs/quality-<stem>/seed-S``) must hold its
 proxies and its full scoring (``taskpgm run`` through the estimate stage; quality.py does it). This script starts a
-variant directory from those proxies (``runs/quality-<stem>-active/seed-S``), runs the estimate stage there with
-``estimation.active: true`` (every other setting as quality.py's), and compares the two ``estimate/mixture.json``
+variant directory from those proxies (``runs/quality-<stem>-active/seed-S``; ``-active-tol<T>`` for each
+``--tols`` value), runs the estimate stage there with ``estimation.active: true`` (and ``estimation.active_tol: T``;
+every other setting as quality.py's), and compares the two ``estimate/mixture.json``
 (the default energy's mixture): the fraction of the (proxy, task) pairs scored, of the probe examples scored, the
 L1 between the mixtures, and the certainty the active stage declared. Nothing here chooses a setting.
 
@@ -26,16 +27,17 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from quality import reuse_probes, seed_config, settings  # noqa: E402
 
 
-def run_seed(seed: int, spec: str, stem: str) -> dict:
+def run_seed(seed: int, spec: str, stem: str, tol: float | None = None) -> dict:
     from taskpgm_ray.pipeline import Pipeline
 
     plain = ROOT / "runs" / f"quality-{stem}" / f"seed-{seed}"
     full = plain / "estimate" / "mixture.json"
     if not full.exists():
         raise SystemExit(f"{plain}: no full-scoring mixture yet; run benchmarks/quality.py --spec {spec} first")
-    variant_root = ROOT / "runs" / f"quality-{stem}-active"
+    variant_root = ROOT / "runs" / (f"quality-{stem}-active" + (f"-tol{tol:g}" if tol is not None else ""))
     reuse_probes(plain, variant_root / f"seed-{seed}")
-    cfg = seed_config(seed, settings(False), variant_root, spec, {"estimation.active": True})
+    overrides = {"estimation.active": True} | ({"estimation.active_tol": tol} if tol is not None else {})
+    cfg = seed_config(seed, settings(False), variant_root, spec, overrides)
     t0 = time.time()
     Pipeline(cfg).run(until="estimate")
     out = Path(cfg.output_dir)
@@ -54,12 +56,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--tols", type=float, nargs="+", default=[None],
+                        help="estimation.active_tol values, each run apart (default: the config's)")
     args = parser.parse_args()
     from taskpgm_ray.distributed.cluster import init_ray
 
     init_ray(num_cpus=2)
     stem = Path(args.spec).stem
-    rows = [run_seed(s, args.spec, stem) for s in args.seeds]
+    rows = [run_seed(s, args.spec, stem, tol) for tol in args.tols for s in args.seeds]
     command = "python benchmarks/active_world.py " + " ".join(sys.argv[1:])
     lines = [f"# {command}", "# active estimation (estimation.active: true) against full scoring of the same "
              "proxies; the default energy's estimate/mixture.json", "",
