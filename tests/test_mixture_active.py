@@ -272,7 +272,7 @@ def default_energy_solve(count, seed):
 def test_declared_certainty_holds_under_the_default_energy():
     """The same check under the energy the pipeline runs by default, not the paper's, with the pipeline's 64
     draws. Its mixture answers to S's entries among the tasks it uses, not to row sums of S, so the misfit a cell
-    shares with its transpose matters here (module docstring of mixture/active.py, "The pair"). The counts per
+    shares with its transpose matters here (module docstring of mixture/completion.py, "The pair"). The counts per
     seed and every miss: benchmarks/results/active_coverage.txt; without the pair, that file as of commit 0339d3b."""
     held = held_along_active_runs(range(4), default_energy_solve, n_boot=64)
     assert len(held) >= 40
@@ -378,15 +378,15 @@ def test_active_selection_goes_where_the_mixture_is_sensitive():
 def test_selection_drops_use_the_nominal_variance_and_the_rule_the_calibrated_one(monkeypatch):
     """SELECT_NOMINAL: next_pairs' variance drops come from the nominal (point-estimate) prior variance; the
     estimate, its std and the stop rule's draws are the calibrated model's either way."""
-    import taskpgm_ray.mixture.active as active
+    import taskpgm_ray.mixture.completion as completion
 
     Y, count, _ = clustered(40, 3)
     scored = initial_pairs(count, fraction=0.2, seed=0)  # enough scored cells to hold a tenth out
     comp = complete_likelihoods(Y, count, scored)
-    assert active.SELECT_NOMINAL and comp._select_prior_var is not None
+    assert completion.SELECT_NOMINAL and comp._select_prior_var is not None
     assert not np.array_equal(comp._select_prior_var, comp._prior_var)
     cert = mixture_certainty(comp, solve, n_boot=16, seed=2)
-    monkeypatch.setattr(active, "SELECT_NOMINAL", False)
+    monkeypatch.setattr(completion, "SELECT_NOMINAL", False)
     calibrated = complete_likelihoods(Y, count, scored)
     assert calibrated._select_prior_var is None
     np.testing.assert_array_equal(comp.loglik_mean, calibrated.loglik_mean)
