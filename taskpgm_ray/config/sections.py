@@ -162,7 +162,7 @@ class EstimationConfig:
     stop_when_stable: StableConfig | None = doc("anytime stopping; null scores every shard", None)
     active: bool | Literal["auto"] = doc(
         "score a cheap first pass, then only the (proxy, probe shard) pairs whose scoring moves the mixture most; "
-        "the rest of the likelihood matrix is filled in by matrix completion (mixture/active.py), and scoring "
+        "the rest of the likelihood matrix is filled in by matrix completion (mixture/completion.py), and scoring "
         "stops when the mixture is certain within active_tol. true needs jsd: false (the JSD needs every pair). "
         "auto: on where it pays, at ACTIVE_AUTO_MIN_TASKS (40) tasks or more when jsd is false and "
         "stop_when_stable is null (README, Active estimation)", "auto")

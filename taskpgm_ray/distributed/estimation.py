@@ -167,7 +167,7 @@ def estimate_command(cfg: Config, *, tasks: list[TaskData] | None = None,
         "stopped_early": len(used) < len(shards) or units_scored < units_total, **stats, "trajectory": trajectory,
         "bootstrap": _named_bands(bands, names),
         # Which entries of the likelihood matrix were measured: measured[i][j] = share of task j's probe
-        # examples that proxy i scored (1: exact; 0: filled in by the completion of mixture/active.py).
+        # examples that proxy i scored (1: exact; 0: filled in by the completion of mixture/completion.py).
         "active": active is not None, "fraction_pairs": float(np.mean(measured > 0)),
         "fraction_units": units_scored / units_total,
         "fraction_examples": float((measured * probe_total[None, :]).sum() / (n * probe_total.sum())),

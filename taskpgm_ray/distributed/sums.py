@@ -82,7 +82,7 @@ def per_example(shards: list[Shard], used: list[int], records: dict, order: list
 
 def example_noise(by_task: list[list[Shard]], records: dict, order: list[str]) -> np.ndarray:
     """Per task, the per-example variance of the proxies' log-likelihoods around proxy + example effects
-    (``sigma_j^2`` of mixture/active.py), from the per-example scores of the proxies that scored each shard:
+    (``sigma_j^2`` of mixture/completion.py), from the per-example scores of the proxies that scored each shard:
     two-way residuals pooled over the task's shards; NaN where no shard has two proxies and two examples.
     The shard sums alone cannot tell it from the tasks' real differences when a task has one shard."""
     out = np.full(len(by_task), np.nan)
