@@ -9,7 +9,9 @@ Commands that run stages print one line per stage and keep the framework output 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -359,17 +361,33 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that every ``finally`` on the way
+    out runs (a half-written suite's temporary folder removed, a suite being replaced put back)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; bad input (:class:`BadInput`) is one line on stderr and exit code 2, never a traceback (unless
     --debug). Any other failure, a ``KeyError`` or ``ValueError`` from inside included, is exit 1 naming its type,
-    after the last lines of the failed stage's log (with the traceback) and its path.
+    after the last lines of the failed stage's log (with the traceback) and its path. Ctrl-C is exit 130 and SIGTERM
+    exit 143, each after the clean-up a failure gets (no temporary folder left, a suite being replaced put back).
     """
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or os.environ.get("TASKPGM_DEBUG") == "1"
     ui = RunConsole()  # the commands set its verbosity; errors below go out after it gives stdout/stderr back
+    on_term = threading.current_thread() is threading.main_thread()  # only there may a signal handler be set
+    before = signal.signal(signal.SIGTERM, _raise_terminated) if on_term else None
     try:
         cli.main(args=args, prog_name="taskpgm", standalone_mode=False, obj={"ui": ui})
         return 0
+    except _Terminated:
+        ui.close()
+        click.echo("taskpgm: terminated", err=True)
+        return 128 + int(signal.SIGTERM)
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.exceptions.Abort:
@@ -400,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         ui.close()
+        if on_term:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
 
 
 if __name__ == "__main__":

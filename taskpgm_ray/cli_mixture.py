@@ -70,7 +70,7 @@ def solve(lik_path: str, out: str, affinity: str, jsd_path: str | None, kernel: 
 
     from taskpgm_ray.config import config_from_dict
     from taskpgm_ray.distributed.solve import solve_from_sums
-    from taskpgm_ray.mixture_file import load_likelihoods, load_signal, read_npz, write_mixture
+    from taskpgm_ray.mixture_file import load_jsd, load_likelihoods, load_signal, write_mixture
 
     jsd_file = (jsd_path or str(Path(lik_path).with_name("jsd.npz"))) if affinity == "jsd" else None
     _refuse_overwrite([out], {"--likelihoods": lik_path, "--jsd": jsd_file})
@@ -92,12 +92,7 @@ def solve(lik_path: str, out: str, affinity: str, jsd_path: str | None, kernel: 
         jsd_path = jsd_path or str(Path(lik_path).with_name("jsd.npz"))
         if not Path(jsd_path).exists():
             raise click.UsageError(f"--affinity jsd needs {jsd_path} (or --jsd PATH)")
-        f = read_npz(jsd_path)
-        if any(k not in f for k in ("tasks", "jsd_sum", "token_count")):
-            raise BadInput(f"{jsd_path}: needs arrays tasks, jsd_sum and token_count (as `taskpgm estimate` writes)")
-        if [str(t) for t in f["tasks"]] != list(tasks):
-            raise BadInput(f"{jsd_path}: tasks differ from {lik_path}")
-        jsd_sum, jsd_count = f["jsd_sum"], f["token_count"]
+        jsd_sum, jsd_count = load_jsd(jsd_path, tasks, lik_path)
     signal = load_signal(lik_path)
     if unary == "information" and signal is None:
         raise BadInput(f"{lik_path}: --unary information needs the signal arrays that `taskpgm estimate` writes "

@@ -1,4 +1,5 @@
-"""Atomic artefact writes: a file or directory appears whole or not at all (write aside, then rename)."""
+"""Atomic artefact writes: a file or directory appears whole or not at all (write aside, then rename); and the
+one YAML reader of user files (a key given twice is an error, not a silent override)."""
 
 from __future__ import annotations
 
@@ -46,3 +47,23 @@ def atomic_savez(path: str | os.PathLike, **arrays: Any) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def yaml_load(text: str) -> Any:
+    """``yaml.safe_load``, except that a key given twice in one mapping raises ``yaml.YAMLError`` naming the key
+    and its line, instead of the last one silently winning (``train:`` written twice drops the first)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    key = self.construct_object(key_node, deep=deep)
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"key {key!r} is given twice in the same mapping", key_node.start_mark)
+                    seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return yaml.load(text, Loader=UniqueKeyLoader)

@@ -212,6 +212,32 @@ def load_likelihoods(path: str):
     )
 
 
+def load_jsd(path: str, tasks: list[str], likelihoods: str) -> tuple[np.ndarray, np.ndarray]:
+    """``jsd.npz`` (as ``taskpgm estimate`` writes it) for the ``tasks`` of ``likelihoods``: (jsd_sum (n, n),
+    token_count), each checked; a ``BadInput`` naming the file, the array and the cell otherwise."""
+    f = read_npz(path)
+    if any(k not in f for k in ("tasks", "jsd_sum", "token_count")):
+        raise BadInput(f"{path}: needs arrays tasks, jsd_sum and token_count (as `taskpgm estimate` writes)")
+    if [str(t) for t in f["tasks"]] != list(tasks):
+        raise BadInput(f"{path}: tasks differ from {likelihoods}")
+    n, jsd, tokens = len(tasks), f["jsd_sum"], f["token_count"]
+    for key in ("jsd_sum", "token_count"):
+        if f[key].dtype.kind not in "iuf":
+            raise BadInput(f"{path}: {key!r} must be an array of numbers, got dtype {f[key].dtype}")
+    if jsd.shape != (n, n):
+        raise BadInput(f"{path}: 'jsd_sum' must have shape ({n}, {n}) for {n} tasks, got {jsd.shape}")
+    bad = np.argwhere(~(np.isfinite(jsd) & (jsd >= 0)))
+    if bad.size:
+        i, j = bad[0]
+        raise BadInput(f"{path}: jsd_sum[{i}, {j}] (proxy {tasks[i]!r} on task {tasks[j]!r}) is {jsd[i, j]}, but a "
+                       f"sum of Jensen-Shannon divergences is a finite number >= 0")
+    if tokens.shape not in ((), (n, n)) or not np.all(np.isfinite(tokens) & (tokens > 0)):
+        least = tokens.min() if tokens.size else None
+        raise BadInput(f"{path}: 'token_count' must be the number of probe tokens scored (> 0, one number or "
+                       f"{n} x {n}), got shape {tokens.shape} and smallest value {least}")
+    return jsd.astype(np.float64), tokens
+
+
 def _validate_likelihoods(path: str, a: dict) -> None:
     for key in ("tasks", "loglik_sum", "count"):
         if key not in a:

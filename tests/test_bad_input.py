@@ -7,15 +7,21 @@ command calls. No Ray: the CLI runs in-process, and nothing here trains.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
+import time
+import typing
 
 import numpy as np
 import pytest
 
 from taskpgm_ray.cli import main
-from taskpgm_ray.config import ConfigError, config_from_dict
+from taskpgm_ray.config import Config, ConfigError, config_from_dict
 from taskpgm_ray.errors import BadInput
 from taskpgm_ray.exporters import build_export
 from taskpgm_ray.mixture_file import SIGNAL_ARRAYS, read_mixture, save_likelihoods
@@ -314,3 +320,167 @@ def test_train_checks_its_mixture_before_loading_tasks_or_writing_anything(tmp_p
     assert main(["train", "--test-mode", "--output-dir", str(run), "--mixture", str(path)]) == 2
     assert _error(capsys) == message.format(path=path)
     assert not run.exists()  # no logs/, no synthetic data, no tokenizer
+
+
+# --- the audit's finds (benchmarks/input_audit.py) -----------------------------------------------------------------
+
+
+def _numeric_fields(cls=Config, prefix=""):
+    """(dotted path, a negative value of the field's type) for every number of every config section (lists of
+    numbers included), except seeds and tasks' utility, where any number is fine."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("internal") or f.name in ("tasks", "evaluation", "seed", "utility"):
+            continue
+        args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
+        tp, item = args[0], (typing.get_args(args[0]) or [None])[0]
+        if dataclasses.is_dataclass(tp):
+            yield from _numeric_fields(tp, f"{prefix}{f.name}.")
+        elif tp in (int, float):
+            yield f"{prefix}{f.name}", tp(-1)
+        elif typing.get_origin(tp) is list and item in (int, float):
+            yield f"{prefix}{f.name}", [item(-1), item(1)]
+
+
+@pytest.mark.parametrize("field, value", list(_numeric_fields()))
+def test_every_numeric_field_of_every_section_refuses_a_negative_value(field, value):
+    base = {"tasks": [{"name": "a", "source": "jsonl", "path": __file__}]}
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(base, overrides={field: value})
+    assert any(p.startswith(f"{field}") or p.startswith(f"{field}[0]") for p in e.value.problems), e.value.problems
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"probes.lora_alpha": 0}, "probes.lora_alpha: must be > 0, got 0.0"),
+    ({"train.lr": 0}, "train.lr: must be > 0, got 0.0"),
+    ({"estimation.batch_size": 0}, "estimation.batch_size: must be >= 1, got 0"),
+    ({"estimation.jsd_top_k": 0}, "estimation.jsd_top_k: must be >= 1, got 0"),
+    ({"estimation.stop_when_stable": {"patience": 0}}, "estimation.stop_when_stable.patience: must be >= 1, got 0"),
+    ({"estimation.stop_when_stable": {"min_fraction": 2}},
+     "estimation.stop_when_stable.min_fraction: must be in [0, 1], got 2.0"),
+    ({"model.tiny.num_layers": 0}, "model.tiny.num_layers: must be >= 1, got 0"),
+    ({"tune.trial_steps": 0}, "tune.trial_steps: must be >= 1, got 0"),
+    ({"tune.max_concurrent": 0}, "tune.max_concurrent: must be >= 1, got 0"),
+    ({"tune.taus": [1.0, 0]}, "tune.taus[1]: must be > 0, got 0.0"),
+    ({"tune.budgets": [0]}, "tune.budgets[0]: must be >= 1, got 0"),
+    ({"train..steps": 5}, "train..steps: an empty name between dots; write the field as section.field, e.g. "
+                          "train.steps"),
+])
+def test_config_refuses_zero_where_a_field_needs_a_positive_number(override, message):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"tasks": [{"name": "a", "source": "jsonl", "path": __file__}]}, overrides=override)
+    assert str(e.value) == message
+
+
+def test_a_key_given_twice_in_a_config_or_a_spec_is_refused_not_silently_overridden(tmp_path, capsys):
+    cfg = _config(tmp_path, "tasks:\n  - {name: a, source: jsonl, path: a.jsonl}\ntrain: {steps: 5}\n"
+                            "train: {steps: 6}\n")
+    assert main(["config", "show", str(cfg)]) == 2
+    assert _error(capsys) == f"{cfg}: invalid YAML at line 5, column 1: key 'train' is given twice in the same mapping"
+    spec = tmp_path / "s.yaml"
+    spec.write_text("format: taskpgm-suite-spec/1\ntasks:\n  - {name: a, skill: copy, template: '{x}', size: 10, "
+                    "size: 20}\n")
+    assert main(["tasks", "synth", "--spec", str(spec), "--out", str(tmp_path / "out")]) == 2
+    assert _error(capsys) == f"{spec}: invalid YAML at line 3, column 55: key 'size' is given twice in the same mapping"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_non_utf8_spec_is_one_line_exit_2(tmp_path, capsys):
+    spec = tmp_path / "s.yaml"
+    spec.write_bytes(b"format: taskpgm-suite-spec/1\nalphabet: caf\xe9\n")
+    assert main(["tasks", "synth", "--spec", str(spec), "--out", str(tmp_path / "out")]) == 2
+    assert _error(capsys) == f"{spec}: not a UTF-8 text file (byte 42 is b'\\xe9'); save the spec as UTF-8 YAML"
+
+
+@pytest.mark.parametrize("jsd_sum, message", [
+    (np.ones((2, 3)), "'jsd_sum' must have shape (2, 2) for 2 tasks, got (2, 3)"),
+    (np.array([[0.0, np.nan], [0.1, 0.0]]), "jsd_sum[0, 1] (proxy 'a' on task 'b') is nan, but a sum of "
+                                            "Jensen-Shannon divergences is a finite number >= 0"),
+    (np.array([[0.0, 0.1], [-0.1, 0.0]]), "jsd_sum[1, 0] (proxy 'b' on task 'a') is -0.1, but a sum of "
+                                          "Jensen-Shannon divergences is a finite number >= 0"),
+])
+def test_solve_names_the_cell_of_a_bad_jsd_npz(tmp_path, capsys, jsd_sum, message):
+    lik = _likelihoods(tmp_path / "L.npz")
+    np.savez(tmp_path / "jsd.npz", tasks=np.array(["a", "b"]), jsd_sum=jsd_sum, token_count=np.int64(100))
+    assert main(["solve", "--likelihoods", str(lik), "--out", str(tmp_path / "m.json"), *SOLVE,
+                 "--affinity", "jsd"]) == 2
+    assert _error(capsys) == f"{tmp_path / 'jsd.npz'}: {message}"
+    assert not (tmp_path / "m.json").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--min-weight", "0.9"], "energy.min_weight 0.9: 2 tasks with at least that much each need 1.8 > 1 of the "
+                              "mixture; lower it to at most 1/2 = 0.5"),
+    (["--max-weight", "0.1"], "energy.max_weight 0.1: the upper bounds of 2 tasks add up to 0.2 < 1, so no mixture "
+                              "fits under them; raise it to at least 1/2 = 0.5"),
+    (["--max-weight", "0.6", "--budget", "1"], "energy.max_weight 0.6: the upper bounds of energy.budget's 1 tasks "
+                                               "add up to 0.6 < 1, so no mixture fits under them; raise it to at least "
+                                               "1/1 = 1"),
+])
+def test_solve_refuses_bounds_no_mixture_meets(tmp_path, capsys, flags, message):
+    lik = _likelihoods(tmp_path / "L.npz")
+    assert main(["solve", "--likelihoods", str(lik), "--out", str(tmp_path / "m.json"), *SOLVE, *flags]) == 2
+    assert _error(capsys) == message
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_sigterm_is_one_line_exit_143_and_the_handler_is_put_back(monkeypatch, capsys):
+    import taskpgm_ray.tasks.worlds as worlds
+
+    def terminated(seed):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("SIGTERM did not interrupt the command")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(worlds, "world_yaml", terminated)
+    assert main(["tasks", "world", "3"]) == 143
+    assert capsys.readouterr().err == "taskpgm: terminated\n"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_second_ctrl_c_during_the_clean_up_waits_until_it_is_done(tmp_path, monkeypatch):
+    import shutil
+
+    from taskpgm_ray.tasks import synthetic
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("format: taskpgm-suite-spec/1\neval_size: 4\ntasks:\n"
+                    "  - {name: a, skill: copy, template: 'c {x}', size: 10}\n")
+    synthetic.write_suite(tmp_path / "suite", 1, spec=spec)
+    real = shutil.rmtree
+
+    def interrupted_again(path, *args, **kwargs):  # Ctrl-C pressed again while the clean-up runs
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(path, *args, **kwargs)
+
+    def first_ctrl_c(*args):
+        monkeypatch.setattr(synthetic.shutil, "rmtree", interrupted_again)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthetic, "_examples", first_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        synthetic.write_suite(tmp_path / "suite", 2, spec=spec)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml", "suite"]  # no .suite.incomplete-* left
+    assert json.loads((tmp_path / "suite" / "suite.json").read_text())["seed"] == 1
+
+
+@pytest.mark.parametrize("sig, code, line", [(signal.SIGINT, 130, "taskpgm: aborted"),
+                                             (signal.SIGTERM, 143, "taskpgm: terminated")])
+def test_a_signal_during_synth_leaves_no_temporary_and_the_earlier_suite_whole(tmp_path, sig, code, line):
+    """A real signal to a real process (what Ctrl-C or `kill` sends), in the middle of writing a suite over one
+    written earlier: the earlier suite is left as it was, and no hidden folder stays behind."""
+    out = tmp_path / "suite"
+    assert main(["tasks", "synth", "--out", str(out), "--seed", "1", "--scale", "0.05"]) == 0
+    before = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    proc = subprocess.Popen([sys.executable, "-m", "taskpgm_ray.cli", "tasks", "synth", "--out", str(out), "--seed",
+                             "2", "--scale", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while proc.poll() is None and not list(tmp_path.glob(".suite.incomplete-*/*")) and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code and err.strip().splitlines()[-1] == line, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["suite"]
+    assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

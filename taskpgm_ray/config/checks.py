@@ -50,6 +50,46 @@ def _check_task(t: TaskConfig, where: str, cfg: Config, base: Path, seen: dict[s
         problems.append(f"{where}.max_examples: must be >= 1, got {t.max_examples}")
 
 
+# Lower bounds of the numeric fields the rules in _check do not cover: (section, field, bound, strict). None (a
+# field's "not set") is skipped; NaN and inf never get here (the builder refuses them).
+_LOWER_BOUNDS = (
+    ("probes", "lora_alpha", 0, True), ("probes", "num_gpus", 0, False), ("probes", "num_cpus", 0, False),
+    ("probes", "max_retries", 0, False),
+    ("estimation", "num_gpus_per_actor", 0, False), ("estimation", "num_cpus_per_actor", 0, False),
+    ("estimation", "batch_size", 1, False), ("estimation", "jsd_top_k", 1, False),
+    ("estimation", "max_actor_restarts", 0, False), ("estimation", "bootstrap", 0, False),
+    ("energy", "eps", 0, False),
+    ("train", "cpus_per_worker", 0, False), ("train", "lr", 0, True), ("train", "warmup_steps", 0, False),
+    ("train", "weight_decay", 0, False), ("train", "eval_every", 0, False), ("train", "checkpoint_every", 0, False),
+    ("train", "max_failures", 0, False),
+    ("tune", "num_samples", 0, False), ("tune", "trial_steps", 1, False), ("tune", "trial_workers", 1, False),
+    ("tune", "trial_cpus_per_worker", 0, False), ("tune", "asha_grace", 1, False), ("tune", "max_concurrent", 1, False),
+)
+
+
+def _check_bounds(cfg: Config, problems: list[str]) -> None:
+    """``_LOWER_BOUNDS``, the tiny models' shapes, estimation.stop_when_stable and the lists Tune searches."""
+    def low(where: str, v: object, bound: float, strict: bool) -> None:
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and (v <= bound if strict else v < bound):
+            problems.append(f"{where}: must be {'>' if strict else '>='} {bound}, got {v}")
+
+    for section, name, bound, strict in _LOWER_BOUNDS:
+        low(f"{section}.{name}", getattr(getattr(cfg, section), name), bound, strict)
+    for section, m in (("model", cfg.model), ("proxy_model", cfg.proxy_model)):
+        if m is not None and m.tiny is not None:
+            for name in ("hidden_size", "num_layers", "intermediate_size"):
+                low(f"{section}.tiny.{name}", getattr(m.tiny, name), 1, False)
+    rule = cfg.estimation.stop_when_stable
+    if rule is not None:
+        low("estimation.stop_when_stable.tol", rule.tol, 0, True)
+        low("estimation.stop_when_stable.patience", rule.patience, 1, False)
+        if isinstance(rule.min_fraction, float) and not 0 <= rule.min_fraction <= 1:
+            problems.append(f"estimation.stop_when_stable.min_fraction: must be in [0, 1], got {rule.min_fraction}")
+    for name, bound, strict in (("taus", 0, True), ("prior_strengths", 0, False), ("budgets", 1, False)):
+        for i, v in enumerate(getattr(cfg.tune, name) or []):
+            low(f"tune.{name}[{i}]", v, bound, strict)
+
+
 def _check(cfg: Config, problems: list[str]) -> None:
     base = Path(cfg.config_path).parent if cfg.config_path else Path.cwd()
     if not cfg.tasks and cfg.synthetic is None:
@@ -175,6 +215,7 @@ def _check(cfg: Config, problems: list[str]) -> None:
     for i, k in enumerate(tu.kernels):
         if k not in ("psd", "clip", "exp"):
             problems.append(f"tune.kernels[{i}]: must be 'psd', 'clip' or 'exp', got {k!r}")
+    _check_bounds(cfg, problems)
     if tu.search == "optuna":
         try:
             import optuna  # noqa: F401

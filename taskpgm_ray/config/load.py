@@ -14,6 +14,7 @@ import yaml
 from taskpgm_ray.config.build import _build
 from taskpgm_ray.config.checks import _check, config_warnings
 from taskpgm_ray.config.sections import TEST_CONFIG, Config, ConfigError, ConfigWarning
+from taskpgm_ray.io import yaml_load
 
 
 def load_config(path: str | os.PathLike | None = None, *, test_mode: bool = False,
@@ -31,7 +32,7 @@ def load_config(path: str | os.PathLike | None = None, *, test_mode: bool = Fals
     if not path.exists():
         raise ConfigError([f"config file not found: {path}"])
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml_load(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as exc:
         raise ConfigError([f"not a UTF-8 text file (byte {exc.start} is {exc.object[exc.start:exc.start + 1]!r}); "
                            f"save the config as UTF-8 YAML"], str(path)) from None
@@ -54,6 +55,9 @@ def config_from_dict(data: dict[str, Any], *, source: str | None = None,
     problems: list[str] = []
     for dotted, value in (overrides or {}).items():
         keys = dotted.split(".")
+        if not all(keys):
+            problems.append(f"{dotted}: an empty name between dots; write the field as section.field, e.g. train.steps")
+            continue
         node: Any = data
         for depth, key in enumerate(keys):
             where, last = ".".join(keys[:depth]), depth == len(keys) - 1

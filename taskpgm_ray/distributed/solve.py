@@ -127,6 +127,17 @@ def solve_from_sums(loglik_sum: np.ndarray, count: np.ndarray, jsd_sum: np.ndarr
     upper = e.max_weight
     if max_weights is not None:
         upper = np.minimum(max_weights, 1.0 if e.max_weight is None else e.max_weight)
+    n = len(count)
+    m = e.budget if e.budget is not None and e.budget < n else n  # the tasks that share the mixture
+    who = f"{m} tasks" if m == n else f"energy.budget's {m} tasks"
+    if e.min_weight is not None and e.min_weight * m > 1 + 1e-9:
+        raise BadInput(f"energy.min_weight {e.min_weight:g}: {who} with at least that much each need "
+                       f"{e.min_weight * m:g} > 1 of the mixture; lower it to at most 1/{m} = {1 / m:.4g}")
+    if e.max_weight is not None:
+        total = float(np.sort(np.broadcast_to(upper, (n,)))[-m:].sum())
+        if total < 1 - 1e-9:
+            raise BadInput(f"energy.max_weight {e.max_weight:g}: the upper bounds of {who} add up to {total:.4g} "
+                           f"< 1, so no mixture fits under them; raise it to at least 1/{m} = {1 / m:.4g}")
     sol = taskpgm_mixture(
         loglik_sum, count, beta=e.beta, lam=e.lam, affinity=e.affinity, jsd_mean=jsd_mean, kernel=e.kernel,
         tau=e.tau, eps=e.eps, unary=e.unary, information=information, unlearned=unlearned,

@@ -25,12 +25,14 @@ import os
 import random
 import shutil
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from taskpgm_ray.errors import BadInput
+from taskpgm_ray.io import yaml_load
 from taskpgm_ray.names import check_name
 
 SPEC_FORMAT = "taskpgm-suite-spec/1"
@@ -158,9 +160,14 @@ def load_spec(path: str | os.PathLike | None = None) -> SuiteSpec:
     if not path.exists():
         raise SpecError(f"suite spec not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not a UTF-8 text file (byte {exc.start} is {exc.object[exc.start:exc.start + 1]!r}); "
+                        f"save the spec as UTF-8 YAML") from None
     except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(f"{path}: invalid YAML{at}: {getattr(exc, 'problem', exc)}") from None
     return spec_from_dict(data, source=str(path))
 
 
@@ -406,14 +413,29 @@ def write_suite(out_dir: str | os.PathLike, seed: int, *, scale: float = 1.0, in
             os.replace(out, old)
         os.replace(tmp, out)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            if out.exists():
-                shutil.rmtree(old, ignore_errors=True)
-            else:  # the swap failed half-way: put the earlier suite back
+        with _signals_held():  # a second Ctrl-C (or SIGTERM) waits until the clean-up is done
+            if old is not None and not out.exists():  # the swap failed half-way: put the earlier suite back
                 os.replace(old, out)
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
     return manifest
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM (delivered when the block ends) in the main thread of a POSIX process."""
+    import signal
+    import threading
+
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def ensure_suite(out_dir: str | os.PathLike, seed: int, *, scale: float = 1.0, include: list[str] | None = None,
