@@ -301,7 +301,7 @@ def test_hand_written_mixture_is_accepted_by_export_and_checked_by_train(tmp_pat
     run = ["train", "--test-mode", "--output-dir", str(tmp_path / "run"), "--mixture"]
     cases = [
         ({**{t: 0.2 for t in suite[:5]}, "nope": 0.0},
-         f"mixture: unknown task(s) 'nope' (configured: {', '.join(suite)}); "
+         f"{tmp_path / 'bad.json'}: 2 problems: mixture: unknown task(s) 'nope' (configured: {', '.join(suite)}); "
          "mixture: no weight for configured task(s) 'add' (give 0 to leave a task out)"),
         ({**{t: 0.25 for t in suite[:4]}, "sort": 0.25, "add": -0.25},
          f"{tmp_path / 'bad.json'}: weights['add'] is negative (-0.25)"),

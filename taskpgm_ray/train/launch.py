@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from taskpgm_ray.config import Config
 from taskpgm_ray.console import StageProgress
+from taskpgm_ray.errors import BadInput
 from taskpgm_ray.train.validation import read_mixture_weights, validate_mixture
 
 if TYPE_CHECKING:
@@ -218,7 +219,10 @@ def train_command(cfg: Config, mixture_path: str | os.PathLike, *, tasks: list[T
 
     weights = read_mixture_weights(mixture_path)
     tasks = load_tasks(cfg) if tasks is None else tasks
-    validate_mixture(weights, tasks, cfg)
+    try:
+        validate_mixture(weights, tasks, cfg)
+    except BadInput as e:  # the file the user gave is the culprit: name it
+        raise BadInput(f"{mixture_path}: {e}") from None
     evaluation = load_evaluation(cfg) if evaluation is None else evaluation
     ensure_run_tokenizer(cfg.model, cfg.output_dir)
     return run_training(cfg, tasks, weights, run_dir=cfg.output_dir, progress=progress, final_test=True,
