@@ -1,6 +1,8 @@
-"""Time `taskpgm run --test-mode` end to end in a fresh run directory, stage by stage, against the 3-minute target.
+"""Time `taskpgm run --test-mode` end to end in a fresh run directory, stage by stage, against issue 24's 90 s.
 
     .venv/bin/python benchmarks/testmode.py            # prints the stage table and the ratio to the target
+
+Also writes it to benchmarks/results/testmode.txt. Measure on an idle machine: Ray workers share the cores.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-TARGET_S = 180.0
+TARGET_S = 90.0
 
 
 def main() -> None:
@@ -23,11 +25,12 @@ def main() -> None:
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - start
     stages = json.loads((out / "stages.json").read_text())
-    print(f"taskpgm run --test-mode in {out}")
-    for name, rec in stages.items():
-        print(f"  {name:<9} {rec['seconds']:7.1f} s")
-    print(f"  wall      {wall:7.1f} s  (target {TARGET_S:.0f} s: ratio {wall / TARGET_S:.2f}, "
-          f"{'met' if wall <= TARGET_S else 'NOT met'})")
+    lines = [f"taskpgm run --test-mode in {out}"]
+    lines += [f"  {name:<9} {rec['seconds']:7.1f} s" for name, rec in stages.items()]
+    lines.append(f"  wall      {wall:7.1f} s  (target {TARGET_S:.0f} s: ratio {wall / TARGET_S:.2f}, "
+                 f"{'met' if wall <= TARGET_S else 'NOT met'})")
+    print("\n".join(lines))
+    (Path(__file__).resolve().parent / "results" / "testmode.txt").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
