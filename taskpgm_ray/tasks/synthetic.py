@@ -424,18 +424,24 @@ def write_suite(out_dir: str | os.PathLike, seed: int, *, scale: float = 1.0, in
 
 @contextmanager
 def _signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM (delivered when the block ends) in the main thread of a POSIX process."""
+    """Defer SIGINT and SIGTERM until the block ends, then deliver them. Python-level handlers, not a signal mask:
+    a mask holds one thread only, and a signal to the process may land in another (Ray's, a library's)."""
     import signal
     import threading
 
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    pending: list[int] = []
+    before = {s: signal.signal(s, lambda signum, _frame: pending.append(signum)) for s in (signal.SIGINT,
+                                                                                       signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        for s, handler in before.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        for s in dict.fromkeys(pending):
+            signal.raise_signal(s)
 
 
 def ensure_suite(out_dir: str | os.PathLike, seed: int, *, scale: float = 1.0, include: list[str] | None = None,
