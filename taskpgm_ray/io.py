@@ -67,3 +67,9 @@ def yaml_load(text: str) -> Any:
             return super().construct_mapping(node, deep=deep)
 
     return yaml.load(text, Loader=UniqueKeyLoader)
+
+
+def not_utf8(exc: UnicodeDecodeError, what: str) -> str:
+    """The one message for a user file that is not UTF-8: where the first bad byte is, and what to do."""
+    return (f"not a UTF-8 text file (byte {exc.start} is {exc.object[exc.start:exc.start + 1]!r}); "
+            f"save the {what} as UTF-8 YAML")

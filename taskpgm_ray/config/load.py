@@ -14,7 +14,7 @@ import yaml
 from taskpgm_ray.config.build import _build
 from taskpgm_ray.config.checks import _check, config_warnings
 from taskpgm_ray.config.sections import TEST_CONFIG, Config, ConfigError, ConfigWarning
-from taskpgm_ray.io import yaml_load
+from taskpgm_ray.io import not_utf8, yaml_load
 
 
 def load_config(path: str | os.PathLike | None = None, *, test_mode: bool = False,
@@ -34,8 +34,7 @@ def load_config(path: str | os.PathLike | None = None, *, test_mode: bool = Fals
     try:
         data = yaml_load(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as exc:
-        raise ConfigError([f"not a UTF-8 text file (byte {exc.start} is {exc.object[exc.start:exc.start + 1]!r}); "
-                           f"save the config as UTF-8 YAML"], str(path)) from None
+        raise ConfigError([not_utf8(exc, "config")], str(path)) from None
     except IsADirectoryError:
         raise ConfigError(["is a directory, not a YAML config file"], str(path)) from None
     except yaml.YAMLError as exc:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from taskpgm_ray.errors import BadInput
-from taskpgm_ray.io import yaml_load
+from taskpgm_ray.io import not_utf8, yaml_load
 from taskpgm_ray.names import check_name
 
 SPEC_FORMAT = "taskpgm-suite-spec/1"
@@ -162,8 +162,7 @@ def load_spec(path: str | os.PathLike | None = None) -> SuiteSpec:
     try:
         data = yaml_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
-        raise SpecError(f"{path}: not a UTF-8 text file (byte {exc.start} is {exc.object[exc.start:exc.start + 1]!r}); "
-                        f"save the spec as UTF-8 YAML") from None
+        raise SpecError(f"{path}: {not_utf8(exc, 'spec')}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
