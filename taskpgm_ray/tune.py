@@ -257,7 +257,8 @@ def run_tune(cfg: Config, tasks: list[TaskData], sums: dict[str, Any], *, resume
             trainable,
             param_space=space,
             tune_config=tune.TuneConfig(metric=METRIC, mode="min", search_alg=searcher,
-                                        scheduler=scheduler, num_samples=n_taskpgm + len(points)),
+                                        scheduler=scheduler, num_samples=n_taskpgm + len(points),
+                                        reuse_actors=True),  # one trial driver process per concurrent slot, reused
             run_config=tune.RunConfig(name="search", storage_path=str(storage),
                                       callbacks=[trial_progress(progress, total)]),
         )

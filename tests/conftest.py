@@ -21,14 +21,23 @@ from taskpgm_ray.config import TEST_CONFIG  # noqa: E402
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A local 2-CPU Ray cluster for one test module (token auth on, dashboard on 127.0.0.1)."""
-    import ray
-
+    """A local 2-CPU Ray cluster (token auth on, dashboard on 127.0.0.1), shared by every module that asks for
+    it: started by the first, left up for the next (a start costs seconds), again if a test shut it down."""
     from taskpgm_ray.distributed.cluster import init_ray
 
     init_ray(num_cpus=2)
     yield
-    ray.shutdown()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Shut the shared cluster down once, at the end."""
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 @pytest.fixture(scope="session")

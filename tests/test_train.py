@@ -352,6 +352,15 @@ def test_final_model_loads_with_from_pretrained_and_scores_as_reported(base, zer
 
 
 @pytest.mark.ray
+def test_a_local_cluster_starts_no_preemption_watcher(zero2):
+    """On a local single-node cluster nothing can be drained: no watcher actor beside each fit's controller."""
+    from ray.util.state import list_actors
+
+    classes = {a.class_name for a in list_actors(limit=10_000)}  # finished fits' actors are listed as DEAD
+    assert "TrainController" in classes and "PreemptionWatcher" not in classes, classes
+
+
+@pytest.mark.ray
 def test_zero3_recovers_from_a_worker_failure_with_the_exact_sample_stream(ray_cluster, base, expected):
     marker = base[2] / "zero3-failure" / "train" / "failed-once"
     summary, run_dir = _run(base, "zero3-failure", train={"zero_stage": 3}, recipe=_failing_once(6, marker))

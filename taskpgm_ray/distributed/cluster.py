@@ -20,6 +20,12 @@ PROPAGATED_ENV = (
 )
 
 
+# Ray Train settings for a local single-node cluster only (a real cluster keeps Ray's defaults): no node there can
+# be drained, so no preemption watcher (an actor process per fit, started and torn down with every Tune trial), and
+# the controller polls its workers every 0.5 s instead of 2 s (a short fit's end is seen ~1 s sooner on average).
+LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
 def worker_env() -> dict[str, str]:
     """The subset of this process's environment that Ray workers inherit through the runtime env."""
     env = {k: os.environ[k] for k in PROPAGATED_ENV if k in os.environ}
@@ -45,8 +51,10 @@ def init_ray(*, num_cpus: int | None = None, num_gpus: int | None = None) -> Non
     else:
         # RAY_NOTES: keeps a single-node cluster on 127.0.0.1 instead of the machine's interface address.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        for key, value in LOCAL_TRAIN_ENV.items():  # the driver starts controllers too (the final fine-tune)
+            os.environ.setdefault(key, value)
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, dashboard_host="127.0.0.1", log_to_driver=True,
-                 runtime_env={"env_vars": worker_env(),
+                 runtime_env={"env_vars": {**{k: os.environ[k] for k in LOCAL_TRAIN_ENV}, **worker_env()},
                               "worker_process_setup_hook": "taskpgm_ray.distributed.cluster.pin_cluster_address"})
 
 
